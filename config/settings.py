@@ -1,0 +1,144 @@
+"""herald settings.
+
+Every value comes from, in order of precedence: keyword arguments, ``HERALD_*``
+environment variables, an optional TOML file (``HERALD_CONFIG_FILE`` or
+``--config``), then the defaults below. librdkafka properties pass through
+untouched as ``HERALD_KAFKA__<PROPERTY>``, with the property's dots written as
+single underscores (``HERALD_KAFKA__SASL_MECHANISM=PLAIN`` becomes
+``sasl.mechanism``), so an existing SASL/SSL cluster works unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CHANNELS: tuple[str, ...] = ("email", "push", "webhook")
+
+# Default redaction: card numbers, bearer/API tokens, email addresses in free text.
+DEFAULT_REDACTIONS: tuple[str, ...] = (
+    r"\b(?:\d[ -]?){13,19}\b",
+    r"\b(?:sk|pk|rk|ghp|gho|xox[abp])_[A-Za-z0-9_]{8,}\b",
+    r"\b(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}",
+    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+)
+
+
+class PolicySettings(BaseModel):
+    """Defaults from the seed article: what a user gets before they choose."""
+
+    model_config = ConfigDict(frozen=True)
+
+    in_app: bool = True
+    email: bool = False
+    push: bool = False
+    webhook: bool = False
+    digest_minutes: int = Field(default=5, ge=0)
+    # Digest windows shorter than a minute, for tests and demos (overrides digest_minutes).
+    digest_seconds: int | None = Field(default=None, ge=1)
+    # Per-user, per-channel external sends per minute.
+    rate_limits: dict[str, int] = Field(
+        default_factory=lambda: {"email": 5, "push": 20, "webhook": 60}
+    )
+    redactions: tuple[str, ...] = DEFAULT_REDACTIONS
+    summary_chars: int = Field(default=280, ge=20, le=280)
+
+    @field_validator("redactions")
+    @classmethod
+    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redaction pattern {pattern!r} is not a valid regex: {exc}") from exc
+        return value
+
+    def channel_default(self, channel: str) -> bool:
+        return bool(getattr(self, channel))
+
+    def rate_limit(self, channel: str) -> int:
+        return self.rate_limits.get(channel, 1_000_000)
+
+
+class Settings(BaseSettings):
+    """Everything a herald process needs, read once in ``main``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HERALD_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+    kafka_bootstrap: str = "localhost:9092"
+    # librdkafka passthrough: HERALD_KAFKA__SASL_USERNAME -> sasl.username
+    kafka: dict[str, str] = Field(default_factory=dict)
+    database_url: SecretStr = SecretStr("postgresql://postgres@localhost/herald")
+
+    topic_prefix: str = "herald"
+    topic_partitions: int = Field(default=6, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+
+    batch_size: int = Field(default=2000, ge=1)
+    batch_time_ms: int = Field(default=200, ge=1)
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    max_event_bytes: int = Field(default=256 * 1024, ge=256)
+    # Backoff while PostgreSQL is unreachable: doubles from min to max.
+    db_backoff_min_ms: int = Field(default=250, ge=10)
+    db_backoff_max_ms: int = Field(default=10_000, ge=10)
+
+    metrics_host: str = "127.0.0.1"
+    # 0 picks a free port; -1 serves no metrics.
+    metrics_port: int = 9400
+
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    log_level: str = "INFO"
+
+    @field_validator("kafka", mode="before")
+    @classmethod
+    def _dotted_properties(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k).lower().replace("_", "."): str(v) for k, v in value.items()}
+        return value
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka properties shared by every client (security, timeouts, ...)."""
+        conf = {"bootstrap.servers": self.kafka_bootstrap}
+        conf.update(self.kafka)
+        return conf
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = os.environ.get("HERALD_CONFIG_FILE")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings once; ``config_file`` names an optional TOML file."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"settings file not found: {path}")
+        os.environ["HERALD_CONFIG_FILE"] = str(path)
+    return Settings(**overrides)

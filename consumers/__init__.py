@@ -1,0 +1,1 @@
+"""Kafka consumers: the batch loop and the processes built on it."""

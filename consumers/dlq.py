@@ -1,0 +1,57 @@
+"""Dead-letter records that JVM tools can read (Spring Kafka's header names)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from producers.publisher import OutRecord
+
+H_TOPIC = "kafka_dlt-original-topic"
+H_PARTITION = "kafka_dlt-original-partition"
+H_OFFSET = "kafka_dlt-original-offset"
+H_TIMESTAMP = "kafka_dlt-original-timestamp"
+H_FQCN = "kafka_dlt-exception-fqcn"
+H_MESSAGE = "kafka_dlt-exception-message"
+# herald's own short, machine-readable reason code (not_json, schema, too_large, ...).
+H_REASON = "herald-dlt-reason"
+
+DLT_HEADERS = frozenset({H_TOPIC, H_PARTITION, H_OFFSET, H_TIMESTAMP, H_FQCN, H_MESSAGE, H_REASON})
+
+
+def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -> OutRecord:
+    """The original key, value and headers, plus where it came from and why it failed."""
+    kind, ts = msg.timestamp()
+    original = [(k, v or b"") for k, v in (msg.headers() or []) if k not in DLT_HEADERS]
+    cls = type(exc)
+    added = [
+        (H_TOPIC, (msg.topic() or "").encode()),
+        (H_PARTITION, struct.pack(">i", msg.partition() or 0)),
+        (H_OFFSET, struct.pack(">q", msg.offset() or 0)),
+        (H_TIMESTAMP, struct.pack(">q", ts if kind != TIMESTAMP_NOT_AVAILABLE else 0)),
+        (H_FQCN, f"{cls.__module__}.{cls.__qualname__}".encode()),
+        (H_MESSAGE, str(exc).encode()[:4000]),
+        (H_REASON, reason.encode()),
+    ]
+    return OutRecord(
+        topic=dlq_topic,
+        value=msg.value() or b"",
+        key=msg.key(),
+        headers=original + added,
+        timestamp_ms=ts if kind != TIMESTAMP_NOT_AVAILABLE else None,
+    )
+
+
+def decode_headers(headers: Mapping[str, bytes]) -> dict[str, object]:
+    """Read the dead-letter headers back (for tests, ``herald redrive`` and humans)."""
+    out: dict[str, object] = {}
+    for name, raw in headers.items():
+        if name == H_PARTITION:
+            out[name] = struct.unpack(">i", raw)[0]
+        elif name in (H_OFFSET, H_TIMESTAMP):
+            out[name] = struct.unpack(">q", raw)[0]
+        elif name in DLT_HEADERS:
+            out[name] = raw.decode()
+    return out

@@ -1,0 +1,190 @@
+"""The native event envelope: validation and expansion into notifications."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from herald.errors import NotAnObject, NotJson, SchemaViolation, TooLarge
+
+Severity = Literal["info", "success", "warning", "critical"]
+EXTERNAL_SEVERITIES = frozenset({"warning", "critical"})
+
+# Notification ids are uuid5(user_id NUL idempotency_key): the same event always
+# maps onto the same row, in every process, before any database round trip.
+NOTIFICATION_NS = uuid.UUID("6c1f8e2a-3b57-4d6e-9a0c-2f4b8d1e7a90")
+
+
+class Envelope(BaseModel):
+    """One JSON object per record. Unknown fields are ignored, not rejected."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str = Field(min_length=1, max_length=500)
+    type: str = Field(min_length=1, max_length=200)
+    title: str = Field(min_length=1, max_length=200)
+    user_id: str | None = Field(default=None, min_length=1, max_length=200)
+    recipients: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
+    source: str | None = Field(default=None, min_length=1, max_length=200)
+    severity: Severity = "info"
+    body: str | None = Field(default=None, max_length=10_000)
+    summary: str | None = Field(default=None, max_length=280)
+    category: str | None = Field(default=None, max_length=100)
+    target_url: str | None = Field(default=None, max_length=2000)
+    resource_id: str | None = Field(default=None, min_length=1, max_length=500)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=500)
+    batch_key: str | None = Field(default=None, max_length=500)
+    occurred_at: AwareDatetime | None = None
+    data: dict[str, Any] | None = None
+    sensitive: bool = False
+
+    @field_validator("target_url")
+    @classmethod
+    def _relative_or_https(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("https://") and len(value) > len("https://"):
+            return value
+        if value.startswith("/") and not value.startswith("//"):
+            return value
+        raise ValueError("target_url must be a relative path (/...) or an https:// URL")
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients_not_blank(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not r for r in value):
+            raise ValueError("recipients must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _one_audience(self) -> Envelope:
+        if self.user_id is None and self.recipients is None:
+            raise ValueError("either user_id or recipients is required")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One row of the inbox, as ingest will insert it."""
+
+    id: uuid.UUID
+    user_id: str
+    source: str
+    type: str
+    category: str | None
+    severity: str
+    title: str
+    body: str | None
+    summary: str | None
+    target_url: str | None
+    data: dict[str, Any] | None
+    sensitive: bool
+    idempotency_key: str
+    batch_key: str | None
+    occurred_at: datetime
+
+    @property
+    def external(self) -> bool:
+        return self.severity in EXTERNAL_SEVERITIES
+
+
+def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
+    """Validate one record value; raises an ``InvalidEvent`` subclass naming why."""
+    if value is None:
+        raise NotJson("record has no value")
+    if len(value) > max_bytes:
+        raise TooLarge(f"record is {len(value)} bytes, over the limit of {max_bytes}")
+    try:
+        return Envelope.model_validate_json(value)
+    except ValidationError as exc:
+        raise _classify(exc) from None
+
+
+def _classify(exc: ValidationError) -> SchemaViolation | NotJson | NotAnObject:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return NotJson(f"not valid JSON: {first['msg']}")
+    if first["type"] == "model_type" and not first["loc"]:
+        return NotAnObject("the record is JSON but not an object")
+    described = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5]
+    )
+    return SchemaViolation(described)
+
+
+def idempotency_key(env: Envelope, user_id: str, source: str) -> str:
+    """The policy's chain, first that applies (DESIGN.md, Policy)."""
+    if env.idempotency_key:
+        return env.idempotency_key
+    if env.resource_id:
+        return f"{user_id}:{env.type}:{env.resource_id}"
+    return f"{source}:{env.id}"
+
+
+def content_key(value: bytes) -> str:
+    """Last link of the chain, for mapped events with no id at all."""
+    return "sha256:" + hashlib.sha256(value).hexdigest()
+
+
+def default_summary(env: Envelope, limit: int) -> str | None:
+    if env.summary is not None:
+        return env.summary
+    if env.sensitive or not env.body:
+        return None
+    text = " ".join(env.body.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+
+
+def expand(
+    env: Envelope,
+    *,
+    default_source: str,
+    record_time: datetime | None,
+    summary_chars: int = 280,
+) -> list[Notification]:
+    """One notification per recipient, each with its idempotency key and id."""
+    source = env.source or default_source
+    occurred_at = env.occurred_at or record_time or datetime.now(UTC)
+    summary = default_summary(env, summary_chars)
+    users = env.recipients if env.recipients is not None else [env.user_id or ""]
+    seen: set[str] = set()
+    out: list[Notification] = []
+    for user_id in users:
+        if user_id in seen:
+            continue
+        seen.add(user_id)
+        key = idempotency_key(env, user_id, source)
+        out.append(
+            Notification(
+                id=uuid.uuid5(NOTIFICATION_NS, f"{user_id}\x00{key}"),
+                user_id=user_id,
+                source=source,
+                type=env.type,
+                category=env.category,
+                severity=env.severity,
+                title=env.title,
+                body=env.body,
+                summary=summary,
+                target_url=env.target_url,
+                data=env.data,
+                sensitive=env.sensitive,
+                idempotency_key=key,
+                batch_key=env.batch_key,
+                occurred_at=occurred_at,
+            )
+        )
+    return out

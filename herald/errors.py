@@ -1,0 +1,61 @@
+"""One root exception, split into retryable and permanent.
+
+Adapters translate psycopg, HTTP and Kafka errors at their boundary
+(``raise ... from exc``), so the loops only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class HeraldError(Exception):
+    """Root of every error herald raises on purpose."""
+
+
+class RetryableError(HeraldError):
+    """The same work may succeed later: an outage, a timeout, a lost lock."""
+
+
+class PermanentError(HeraldError):
+    """Retrying the same input will fail the same way."""
+
+
+class DatabaseUnavailable(RetryableError):
+    """PostgreSQL cannot be reached or dropped the connection."""
+
+
+class BrokerUnavailable(RetryableError):
+    """The broker did not acknowledge records in time."""
+
+
+class AssignmentLost(RetryableError):
+    """The group rebalanced under us: drop the batch in hand, uncommitted."""
+
+
+class InvalidEvent(PermanentError):
+    """A record that can never become a notification. ``reason`` is a short code."""
+
+    reason = "invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotJson(InvalidEvent):
+    reason = "not_json"
+
+
+class NotAnObject(InvalidEvent):
+    reason = "not_object"
+
+
+class SchemaViolation(InvalidEvent):
+    reason = "schema"
+
+
+class TooLarge(InvalidEvent):
+    reason = "too_large"
+
+
+class ConfigError(PermanentError):
+    """Settings or a file they name cannot be used."""

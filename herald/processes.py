@@ -1,0 +1,65 @@
+"""The composition root of each long-running process: build collaborators, run the loop."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from config.settings import Settings
+from consumers.ingest import IngestHandler
+from consumers.loop import BatchLoop, RunStats, Stopper
+from herald.http import Health, serve
+from producers.publisher import KafkaPublisher
+from producers.topics import Topics, ensure_topics
+from storage.db import Database
+
+log = logging.getLogger(__name__)
+
+INGEST_GROUP = "herald-ingest"
+
+
+@dataclass
+class IngestRun:
+    stats: RunStats
+    handler: IngestHandler
+
+
+def run_ingest(
+    settings: Settings,
+    *,
+    group: str = INGEST_GROUP,
+    stopper: Stopper | None = None,
+    max_messages: int | None = None,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+) -> IngestRun:
+    """Build and run the ingest consumer until stopped (or a bound is reached)."""
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.ingest_topics())
+    health = Health()
+    with ExitStack() as stack:
+        if settings.metrics_port >= 0:
+            server = serve(settings.metrics_host, settings.metrics_port, health.ok)
+            stack.callback(server.shutdown)
+        db = Database(settings.database_url.get_secret_value())
+        stack.callback(db.close)
+        publisher = KafkaPublisher(settings)
+        stack.callback(publisher.close)
+        handler = IngestHandler(settings, db, publisher, topics)
+        loop = BatchLoop(
+            settings,
+            name="ingest",
+            group=group,
+            topics=[topics.events],
+            handler=handler,
+            stopper=stopper,
+            health=health,
+        )
+        stats = loop.run(max_messages=max_messages, timeout=timeout, idle_timeout=idle_timeout)
+        t = handler.totals
+        log.info(
+            "ingest stopped: %d records, %d inserted, %d duplicate, %d invalid",
+            t.records, t.inserted, t.duplicates, t.invalid,
+        )
+    return IngestRun(stats, handler)

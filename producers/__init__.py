@@ -1,0 +1,1 @@
+"""Kafka producers: topic layout, the publisher seam, and the HTTP receiver."""

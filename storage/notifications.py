@@ -1,0 +1,170 @@
+"""Batch statements for ingest: one round trip per statement, never per event.
+
+Every statement that takes row locks feeds its rows in a stable order
+(``ORDER BY`` the conflict key), so several ingest processes working on
+overlapping users queue behind each other instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from consumers.envelope import Notification
+from consumers.policy import Decision, RateKey
+
+Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+_PREFS_SQL = """
+SELECT user_id, in_app, email, push, webhook, digest_minutes
+FROM notification_preferences WHERE user_id = ANY(%s)
+"""
+
+_INSERT_NOTIFICATIONS_SQL = """
+INSERT INTO notifications (id, user_id, source, type, category, severity, title, body,
+    summary, target_url, data, sensitive, idempotency_key, batch_key, hidden, occurred_at)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+    %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[], %s::bool[], %s::text[],
+    %s::text[], %s::bool[], %s::timestamptz[]) AS t
+ORDER BY 2, 13
+ON CONFLICT (user_id, idempotency_key) DO NOTHING
+RETURNING id
+"""
+
+_RATE_SQL = """
+INSERT INTO rate_limits (user_id, channel, window_start, count)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[]) AS t ORDER BY 1, 2, 3
+ON CONFLICT (user_id, channel, window_start)
+DO UPDATE SET count = rate_limits.count + excluded.count
+RETURNING user_id, channel, window_start, count
+"""
+
+_INSERT_DELIVERIES_SQL = """
+INSERT INTO deliveries (id, notification_id, user_id, channel, route, reason)
+SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[]) AS t
+ORDER BY 1
+ON CONFLICT (id) DO NOTHING
+"""
+
+_UNPUBLISHED_SQL = """
+SELECT d.id, d.notification_id, d.user_id, d.channel, d.route, d.reason, n.severity, n.type,
+       n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at
+FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+WHERE d.notification_id = ANY(%s) AND d.published_at IS NULL
+ORDER BY d.id
+"""
+
+_MARK_PUBLISHED_SQL = """
+UPDATE deliveries d SET published_at = now(), updated_at = now()
+FROM (SELECT id FROM deliveries WHERE id = ANY(%s) AND published_at IS NULL
+      ORDER BY id FOR UPDATE) s
+WHERE d.id = s.id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UnpublishedDelivery:
+    """A delivery row whose record the broker has not acknowledged yet."""
+
+    id: uuid.UUID
+    notification_id: uuid.UUID
+    user_id: str
+    channel: str
+    route: str
+    reason: str | None
+    severity: str
+    type: str
+    category: str | None
+    title: str
+    summary: str | None
+    target_url: str | None
+    batch_key: str | None
+    occurred_at: datetime
+
+
+def load_preferences(cur: Cursor, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    cur.execute(_PREFS_SQL, (list(user_ids),))
+    cols = ("in_app", "email", "push", "webhook", "digest_minutes")
+    return {row[0]: dict(zip(cols, row[1:], strict=True)) for row in cur.fetchall()}
+
+
+def insert_notifications(
+    cur: Cursor, rows: Sequence[Notification], hidden: Sequence[bool]
+) -> set[uuid.UUID]:
+    """Insert what is new; returns the ids actually inserted (the rest were duplicates)."""
+    if not rows:
+        return set()
+    cur.execute(
+        _INSERT_NOTIFICATIONS_SQL,
+        (
+            [n.id for n in rows],
+            [n.user_id for n in rows],
+            [n.source for n in rows],
+            [n.type for n in rows],
+            [n.category for n in rows],
+            [n.severity for n in rows],
+            [n.title for n in rows],
+            [n.body for n in rows],
+            [n.summary for n in rows],
+            [n.target_url for n in rows],
+            [None if n.data is None else json.dumps(n.data) for n in rows],
+            [n.sensitive for n in rows],
+            [n.idempotency_key for n in rows],
+            [n.batch_key for n in rows],
+            list(hidden),
+            [n.occurred_at for n in rows],
+        ),
+    )
+    return {row[0] for row in cur.fetchall()}
+
+
+def add_rate_counts(cur: Cursor, asked: dict[RateKey, int]) -> dict[RateKey, int]:
+    """Add this batch's requests to the counters; returns each counter after the add."""
+    if not asked:
+        return {}
+    keys = list(asked)
+    cur.execute(
+        _RATE_SQL,
+        (
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [asked[k] for k in keys],
+        ),
+    )
+    return {(r[0], r[1], r[2]): r[3] for r in cur.fetchall()}
+
+
+def insert_deliveries(cur: Cursor, decisions: Sequence[Decision]) -> None:
+    if not decisions:
+        return
+    cur.execute(
+        _INSERT_DELIVERIES_SQL,
+        (
+            [d.delivery_id for d in decisions],
+            [d.notification.id for d in decisions],
+            [d.notification.user_id for d in decisions],
+            [d.channel for d in decisions],
+            [d.route for d in decisions],
+            [d.reason for d in decisions],
+        ),
+    )
+
+
+def unpublished_for(cur: Cursor, notification_ids: Sequence[uuid.UUID]) -> list[UnpublishedDelivery]:
+    """Outbox rows of notifications seen before: a crash fell between commit and publish."""
+    if not notification_ids:
+        return []
+    cur.execute(_UNPUBLISHED_SQL, (list(notification_ids),))
+    return [UnpublishedDelivery(*row) for row in cur.fetchall()]
+
+
+def mark_published(cur: Cursor, delivery_ids: Sequence[uuid.UUID]) -> None:
+    if delivery_ids:
+        cur.execute(_MARK_PUBLISHED_SQL, (list(delivery_ids),))

@@ -1,0 +1,61 @@
+"""Preferences and channel endpoints (CLI now, the API later)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage.db import Database
+
+_PREF_COLUMNS = ("in_app", "email", "push", "webhook", "digest_minutes")
+
+
+def set_preferences(db: Database, user_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Upsert only the given columns; returns the stored row (NULL = policy default)."""
+    cols = [c for c in _PREF_COLUMNS if c in changes]
+    if not cols:
+        return show_preferences(db, user_id) or {}
+    names = ", ".join(cols)
+    params = ", ".join(["%s"] * len(cols))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
+    sql = (
+        f"INSERT INTO notification_preferences (user_id, {names}) VALUES (%s, {params}) "  # noqa: S608 (column names from a fixed list)
+        f"ON CONFLICT (user_id) DO UPDATE SET {updates}, updated_at = now()"
+    )
+    with db.transaction() as cur:
+        cur.execute(sql.encode(), [user_id, *(changes[c] for c in cols)])
+    return show_preferences(db, user_id) or {}
+
+
+def show_preferences(db: Database, user_id: str) -> dict[str, Any] | None:
+    with db.transaction() as cur:
+        cur.execute(
+            "SELECT in_app, email, push, webhook, digest_minutes FROM notification_preferences"
+            " WHERE user_id = %s",
+            (user_id,),
+        )
+        row = cur.fetchone()
+    return None if row is None else dict(zip(_PREF_COLUMNS, row, strict=True))
+
+
+def add_endpoint(db: Database, user_id: str, channel: str, address: str, secret: str | None = None) -> int:
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO channel_endpoints (user_id, channel, address, secret) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (user_id, channel, address) DO UPDATE SET disabled_at = NULL,"
+            " secret = COALESCE(excluded.secret, channel_endpoints.secret)"
+            " RETURNING id",
+            (user_id, channel, address, secret),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def list_endpoints(db: Database, user_id: str) -> list[tuple[str, str]]:
+    with db.transaction() as cur:
+        cur.execute(
+            "SELECT channel, address FROM channel_endpoints WHERE user_id = %s AND disabled_at IS NULL"
+            " ORDER BY channel, id",
+            (user_id,),
+        )
+        return [(str(r[0]), str(r[1])) for r in cur.fetchall()]
