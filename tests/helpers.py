@@ -1,0 +1,100 @@
+"""Factories and runners shared by the integration tests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from config.settings import Settings
+from consumers.loop import Stopper
+from herald.inspect import wait_committed
+from herald.processes import IngestRun, run_ingest
+from producers.publisher import KafkaPublisher, OutRecord, Position
+from producers.topics import Topics, ensure_topics
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    """A valid native envelope; fields override the defaults."""
+    base: dict[str, Any] = {
+        "id": f"evt-{uuid.uuid4().hex[:12]}",
+        "type": "invoice.payment_failed",
+        "title": "Payment failed",
+        "user_id": "user-1",
+        "severity": "info",
+    }
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def produce(settings: Settings, values: Iterable[dict[str, Any] | bytes], *, key: bytes | None = None,
+            headers: list[tuple[str, bytes]] | None = None) -> list[Position]:
+    """Produce to <prefix>.events (created if missing); returns where each record landed."""
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.ingest_topics())
+    recs = [
+        OutRecord(
+            topic=topics.events,
+            value=v if isinstance(v, bytes) else json.dumps(v).encode(),
+            key=key,
+            headers=list(headers or []),
+        )
+        for v in values
+    ]
+    pub = KafkaPublisher(settings)
+    try:
+        return pub.publish(recs)
+    finally:
+        pub.close()
+
+
+def last_offsets(positions: Sequence[Position]) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for topic, partition, offset in positions:
+        out[(topic, partition)] = max(offset, out.get((topic, partition), -1))
+    return out
+
+
+@dataclass
+class IngestThread:
+    """An in-process ingest consumer on a thread, stopped like SIGTERM would."""
+
+    settings: Settings
+    group: str
+    stopper: Stopper
+    thread: threading.Thread
+    result: list[IngestRun]
+
+    def stop(self, timeout: float = 30.0) -> IngestRun:
+        self.stopper.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "ingest did not stop"
+        assert self.result, "ingest crashed (see the log)"
+        return self.result[0]
+
+
+def start_ingest(settings: Settings, group: str | None = None) -> IngestThread:
+    group = group or f"g-{uuid.uuid4().hex[:8]}"
+    stopper = Stopper()
+    result: list[IngestRun] = []
+
+    def target() -> None:
+        result.append(run_ingest(settings, group=group, stopper=stopper))
+
+    t = threading.Thread(target=target, name="ingest", daemon=True)
+    t.start()
+    return IngestThread(settings, group, stopper, t, result)
+
+
+def ingest(settings: Settings, positions: Sequence[Position], group: str | None = None,
+           timeout: float = 60.0) -> IngestRun:
+    """Run ingest until the group has committed past every produced record."""
+    runner = start_ingest(settings, group)
+    try:
+        wait_committed(settings, runner.group, last_offsets(positions), timeout=timeout)
+    finally:
+        run = runner.stop()
+    return run
