@@ -47,9 +47,7 @@ class PolicySettings(BaseModel):
     # Digest windows shorter than a minute, for tests and demos (overrides digest_minutes).
     digest_seconds: int | None = Field(default=None, ge=1)
     # Per-user, per-channel external sends per minute.
-    rate_limits: dict[str, int] = Field(
-        default_factory=lambda: {"email": 5, "push": 20, "webhook": 60}
-    )
+    rate_limits: dict[str, int] = Field(default_factory=lambda: {"email": 5, "push": 20, "webhook": 60})
     redactions: tuple[str, ...] = DEFAULT_REDACTIONS
     summary_chars: int = Field(default=280, ge=20, le=280)
 
@@ -112,9 +110,9 @@ class Settings(BaseSettings):
             return {str(k).lower().replace("_", "."): str(v) for k, v in value.items()}
         return value
 
-    def kafka_client_config(self) -> dict[str, str]:
+    def kafka_client_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka properties shared by every client (security, timeouts, ...)."""
-        conf = {"bootstrap.servers": self.kafka_bootstrap}
+        conf: dict[str, str | int | float | bool] = {"bootstrap.servers": self.kafka_bootstrap}
         conf.update(self.kafka)
         return conf
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from producers.publisher import OutRecord
+from producers.publisher import Headers, OutRecord
 
 H_TOPIC = "kafka_dlt-original-topic"
 H_PARTITION = "kafka_dlt-original-partition"
@@ -24,9 +24,11 @@ DLT_HEADERS = frozenset({H_TOPIC, H_PARTITION, H_OFFSET, H_TIMESTAMP, H_FQCN, H_
 def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -> OutRecord:
     """The original key, value and headers, plus where it came from and why it failed."""
     kind, ts = msg.timestamp()
-    original = [(k, v or b"") for k, v in (msg.headers() or []) if k not in DLT_HEADERS]
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    original: Headers = [(k, v) for k, v in pairs if k not in DLT_HEADERS]
     cls = type(exc)
-    added = [
+    added: Headers = [
         (H_TOPIC, (msg.topic() or "").encode()),
         (H_PARTITION, struct.pack(">i", msg.partition() or 0)),
         (H_OFFSET, struct.pack(">q", msg.offset() or 0)),
@@ -41,6 +43,7 @@ def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -
         key=msg.key(),
         headers=original + added,
         timestamp_ms=ts if kind != TIMESTAMP_NOT_AVAILABLE else None,
+        reason=reason,
     )
 
 

@@ -120,9 +120,7 @@ def _classify(exc: ValidationError) -> SchemaViolation | NotJson | NotAnObject:
         return NotJson(f"not valid JSON: {first['msg']}")
     if first["type"] == "model_type" and not first["loc"]:
         return NotAnObject("the record is JSON but not an object")
-    described = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5]
-    )
+    described = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5])
     return SchemaViolation(described)
 
 

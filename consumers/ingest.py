@@ -97,14 +97,23 @@ class IngestHandler:
             try:
                 env = parse(msg.value(), max_bytes=self._settings.max_event_bytes)
             except InvalidEvent as exc:
-                log.info("%s[%d]@%d: invalid event (%s) -> dead-letter topic",
-                         msg.topic(), msg.partition(), msg.offset(), exc.reason)
+                log.info(
+                    "%s[%d]@%d: invalid event (%s) -> dead-letter topic",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    exc.reason,
+                )
                 dead.append(dead_letter(msg, self._topics.events_dlq, exc, exc.reason))
                 continue
             kind, ts = msg.timestamp()
             record_time = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(ts / 1000, UTC)
-            for n in expand(env, default_source=msg.topic() or "", record_time=record_time,
-                            summary_chars=self._policy.summary_chars):
+            for n in expand(
+                env,
+                default_source=msg.topic() or "",
+                record_time=record_time,
+                summary_chars=self._policy.summary_chars,
+            ):
                 key = (n.user_id, n.idempotency_key)
                 if key in notes:
                     outcome.duplicates += 1
@@ -147,19 +156,34 @@ class IngestHandler:
 
     # step 4: records that leave the system (already redacted)
     def _record(self, d: Decision) -> OutRecord:
-        return self._encode(d.route, d.channel, d.notification.user_id, policy.decision_record(d, self._policy))
+        return self._encode(
+            d.route, d.channel, d.notification.user_id, policy.decision_record(d, self._policy)
+        )
 
     def _stale_record(self, s: store.UnpublishedDelivery) -> OutRecord:
         payload = policy.external_record(
-            delivery_id=s.id, notification_id=s.notification_id, user_id=s.user_id,
-            channel=s.channel, route=s.route, reason=s.reason, severity=s.severity, type=s.type,
-            category=s.category, title=s.title, summary=s.summary, target_url=s.target_url,
-            batch_key=s.batch_key, occurred_at=s.occurred_at, policy=self._policy,
+            delivery_id=s.id,
+            notification_id=s.notification_id,
+            user_id=s.user_id,
+            channel=s.channel,
+            route=s.route,
+            reason=s.reason,
+            severity=s.severity,
+            type=s.type,
+            category=s.category,
+            title=s.title,
+            summary=s.summary,
+            target_url=s.target_url,
+            batch_key=s.batch_key,
+            occurred_at=s.occurred_at,
+            policy=self._policy,
         )
         return self._encode(s.route, s.channel, s.user_id, payload)
 
     def _encode(self, route: str, channel: str, user_id: str, payload: dict[str, object]) -> OutRecord:
-        topic = self._topics.deliveries(channel) if route == policy.IMMEDIATE else self._topics.digests_pending
+        topic = (
+            self._topics.deliveries(channel) if route == policy.IMMEDIATE else self._topics.digests_pending
+        )
         return OutRecord(
             topic=topic,
             key=user_id.encode(),
@@ -175,17 +199,30 @@ class IngestHandler:
         m.labels("rate_limited").inc(o.rate_limited)
         m.labels("hidden").inc(o.hidden)
         for rec in dead:
-            reason = dict(rec.headers).get("herald-dlt-reason", b"").decode()
-            metrics.DLQ_RECORDS.labels("events", reason).inc()
+            metrics.DLQ_RECORDS.labels("events", rec.reason or "").inc()
         for channel, n in o.by_channel.items():
             metrics.RECORDS_PUBLISHED.labels("delivery", channel).inc(n)
         metrics.RECORDS_PUBLISHED.labels("digest", "").inc(o.digest)
         metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
         t = self.totals
-        for name in ("records", "inserted", "duplicates", "invalid", "hidden", "rate_limited",
-                     "immediate", "digest", "republished"):
+        for name in (
+            "records",
+            "inserted",
+            "duplicates",
+            "invalid",
+            "hidden",
+            "rate_limited",
+            "immediate",
+            "digest",
+            "republished",
+        ):
             setattr(t, name, getattr(t, name) + getattr(o, name))
         for channel, n in o.by_channel.items():
             t.by_channel[channel] = t.by_channel.get(channel, 0) + n
-        log.debug("batch: %d records, %d new, %d duplicate, %d invalid",
-                  o.records, o.inserted, o.duplicates, o.invalid)
+        log.debug(
+            "batch: %d records, %d new, %d duplicate, %d invalid",
+            o.records,
+            o.inserted,
+            o.duplicates,
+            o.invalid,
+        )

@@ -114,8 +114,13 @@ class BatchLoop:
         self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
         self._revoked = False
 
-    def run(self, *, max_messages: int | None = None, timeout: float | None = None,
-            idle_timeout: float | None = None) -> RunStats:
+    def run(
+        self,
+        *,
+        max_messages: int | None = None,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> RunStats:
         """Loop until stopped; ``max_messages``/``timeout``/``idle_timeout`` bound test runs."""
         stats = RunStats()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -230,4 +235,3 @@ def first_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
 
 def _describe(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
-

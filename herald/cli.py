@@ -42,8 +42,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     stopper = Stopper()
     stopper.install()
-    run_ingest(settings, group=args.group, stopper=stopper, max_messages=args.max_messages,
-               timeout=args.timeout)
+    run_ingest(
+        settings, group=args.group, stopper=stopper, max_messages=args.max_messages, timeout=args.timeout
+    )
     return 0
 
 
@@ -80,8 +81,12 @@ def cmd_prefs(args: argparse.Namespace, settings: Settings) -> int:
             row = show_preferences(db, args.user) or {}
     finally:
         db.close()
-    effective = {k: (settings.policy.channel_default(k) if k != "digest_minutes" else settings.policy.digest_minutes)
-                 if row.get(k) is None else row[k] for k in ("in_app", "email", "push", "webhook", "digest_minutes")}
+    effective = {
+        k: (settings.policy.channel_default(k) if k != "digest_minutes" else settings.policy.digest_minutes)
+        if row.get(k) is None
+        else row[k]
+        for k in ("in_app", "email", "push", "webhook", "digest_minutes")
+    }
     print(json.dumps({"user_id": args.user, **effective}, indent=2))
     return 0
 
@@ -135,8 +140,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from herald.bench import run_ingest_bench
 
-    return run_ingest_bench(settings, events=args.events, baseline_sample=args.baseline_sample,
-                            users=args.users)
+    return run_ingest_bench(
+        settings, events=args.events, baseline_sample=args.baseline_sample, users=args.users
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="send sample events to a running stack and report what happened")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks (starts its own embedded stack unless HERALD_* point at one)")
+    s = sub.add_parser(
+        "bench", help="benchmarks (starts its own embedded stack unless HERALD_* point at one)"
+    )
     bsub = s.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bi = bsub.add_parser("ingest", help="ingest throughput against the one-transaction-per-event baseline")
     bi.add_argument("--events", type=int, default=200_000)

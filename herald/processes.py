@@ -60,6 +60,9 @@ def run_ingest(
         t = handler.totals
         log.info(
             "ingest stopped: %d records, %d inserted, %d duplicate, %d invalid",
-            t.records, t.inserted, t.duplicates, t.invalid,
+            t.records,
+            t.inserted,
+            t.duplicates,
+            t.invalid,
         )
     return IngestRun(stats, handler)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,7 +14,7 @@ from herald.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 # Where the broker stored a record: (topic, partition, offset).
 Position = tuple[str, int, int]
 
@@ -26,6 +26,8 @@ class OutRecord:
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
     timestamp_ms: int | None = None
+    # Why a dead-letter record failed, for metrics (also in its headers).
+    reason: str | None = None
 
 
 class Publisher(Protocol):
@@ -35,8 +37,8 @@ class Publisher(Protocol):
     def close(self) -> None: ...
 
 
-def producer_config(settings: Settings, **extra: str | int | bool) -> dict[str, str | int | bool]:
-    conf: dict[str, str | int | bool] = {
+def producer_config(settings: Settings, **extra: str | int | bool) -> dict[str, str | int | float | bool]:
+    conf: dict[str, str | int | float | bool] = {
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 5,
@@ -65,7 +67,7 @@ class KafkaPublisher:
             if err is not None:
                 failures.append(err)
             else:
-                acked.append((msg.topic(), msg.partition(), msg.offset()))
+                acked.append((msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
 
         for rec in records:
             self._produce(rec, on_delivery)
@@ -76,14 +78,14 @@ class KafkaPublisher:
             raise BrokerUnavailable(f"{len(failures)} records failed: {failures[0]}")
         return acked
 
-    def _produce(self, rec: OutRecord, on_delivery: object) -> None:
+    def _produce(self, rec: OutRecord, on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
         while True:
             try:
                 self._producer.produce(
                     rec.topic,
                     value=rec.value,
                     key=rec.key,
-                    headers=rec.headers or None,
+                    headers=list(rec.headers) or None,
                     timestamp=rec.timestamp_ms or 0,
                     on_delivery=on_delivery,
                 )

@@ -94,9 +94,7 @@ def load_preferences(cur: Cursor, user_ids: Sequence[str]) -> dict[str, dict[str
     return {row[0]: dict(zip(cols, row[1:], strict=True)) for row in cur.fetchall()}
 
 
-def insert_notifications(
-    cur: Cursor, rows: Sequence[Notification], hidden: Sequence[bool]
-) -> set[uuid.UUID]:
+def insert_notifications(cur: Cursor, rows: Sequence[Notification], hidden: Sequence[bool]) -> set[uuid.UUID]:
     """Insert what is new; returns the ids actually inserted (the rest were duplicates)."""
     if not rows:
         return set()

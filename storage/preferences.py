@@ -48,7 +48,7 @@ def add_endpoint(db: Database, user_id: str, channel: str, address: str, secret:
         )
         row = cur.fetchone()
     assert row is not None
-    return int(row[0])
+    return int(str(row[0]))
 
 
 def list_endpoints(db: Database, user_id: str) -> list[tuple[str, str]]:

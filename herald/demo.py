@@ -1,0 +1,160 @@
+"""``herald demo``: a burst of sample events through a running stack, then a report."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from config.settings import Settings
+from herald.inspect import read_topic, wait_committed
+from herald.processes import INGEST_GROUP
+from producers.publisher import KafkaPublisher, OutRecord
+from producers.topics import Topics
+from storage.db import Database
+from storage.preferences import add_endpoint, set_preferences
+
+PUSH_SUB = '{"endpoint":"https://push.example/abc","keys":{"p256dh":"BAbc","auth":"xyz"}}'
+
+
+def sample_events(run: str) -> list[dict[str, Any] | bytes]:
+    """What a busy minute looks like: criticals, a flapping job, chatter, repeats, junk."""
+    src = f"demo-{run}"
+    now = datetime.now(UTC).isoformat()
+
+    def ev(**f: Any) -> dict[str, Any]:
+        return {"id": uuid.uuid4().hex, "source": src, "occurred_at": now, **f}
+
+    alice, bob, carol, dave = (f"{name}-{run}" for name in ("alice", "bob", "carol", "dave"))
+    paid = ev(
+        type="invoice.payment_failed",
+        title="Payment failed for invoice INV-1",
+        user_id=alice,
+        severity="critical",
+        resource_id="INV-1",
+        target_url="/billing/invoices/INV-1",
+        body="Card 4242 4242 4242 4242 was declined.",
+        data={"amount": 4200},
+    )
+    retry = {**paid, "id": uuid.uuid4().hex}  # the same invoice failing again: one notification
+    comment = ev(type="comment.added", title="New comment on 'Q3 plan'", user_id=bob, severity="info")
+    events: list[dict[str, Any] | bytes] = [paid, retry, comment, comment]
+    events += [
+        ev(
+            type="job.failed",
+            title=f"Nightly export failed (attempt {i})",
+            user_id=u,
+            severity="warning",
+            batch_key="job:nightly-export",
+        )
+        for i in range(5)
+        for u in (alice, bob)
+    ]
+    events.append(ev(type="api_key.created", title="API key created", user_id=carol, severity="success"))
+    events += [
+        ev(
+            type="deploy.failed",
+            title=f"Deploy {i} failed",
+            user_id=bob,
+            severity="critical",
+            target_url=f"/deploys/{i}",
+        )
+        for i in range(7)
+    ]
+    events.append(
+        ev(
+            type="maintenance.scheduled",
+            title="Maintenance tonight",
+            severity="warning",
+            recipients=[alice, bob, carol, dave],
+        )
+    )
+    events.append(b'{"id": "broken", "title": oops}')
+    return events
+
+
+def run_demo(settings: Settings) -> int:
+    run = uuid.uuid4().hex[:6]
+    db = Database(settings.database_url.get_secret_value())
+    try:
+        set_preferences(db, f"alice-{run}", {"email": True, "push": True})
+        add_endpoint(db, f"alice-{run}", "email", "alice@example.com")
+        add_endpoint(db, f"alice-{run}", "push", PUSH_SUB)
+        set_preferences(db, f"bob-{run}", {"email": True})
+        add_endpoint(db, f"bob-{run}", "email", "bob@example.com")
+        set_preferences(db, f"carol-{run}", {"in_app": False, "email": True})
+    finally:
+        db.close()
+    topics = Topics(settings.topic_prefix)
+    events = sample_events(run)
+    records = [
+        OutRecord(topics.events, e if isinstance(e, bytes) else json.dumps(e).encode(), key=run.encode())
+        for e in events
+    ]
+    publisher = KafkaPublisher(settings)
+    positions = publisher.publish(records)
+    publisher.close()
+    print(f"\ndemo {run}: sent {len(records)} records to {topics.events}; waiting for ingest ...", flush=True)
+    started = time.monotonic()
+    targets: dict[tuple[str, int], int] = {}
+    for t, p, o in positions:
+        targets[(t, p)] = max(o, targets.get((t, p), -1))
+    wait_committed(settings, INGEST_GROUP, targets, timeout=120)
+    print(f"demo {run}: processed in {time.monotonic() - started:.1f}s\n", flush=True)
+    report(settings, run, events, {o for _, _, o in positions})
+    return 0
+
+
+def report(settings: Settings, run: str, events: list[dict[str, Any] | bytes], offsets: set[int]) -> None:
+    db = Database(settings.database_url.get_secret_value())
+    try:
+        with db.transaction() as cur:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE hidden) FROM notifications WHERE source = %s",
+                (f"demo-{run}",),
+            )
+            stored, hidden = cur.fetchone() or (0, 0)
+            cur.execute(
+                "SELECT d.channel, d.route, coalesce(d.reason, ''), count(*) FROM deliveries d"
+                " JOIN notifications n ON n.id = d.notification_id WHERE n.source = %s"
+                " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                (f"demo-{run}",),
+            )
+            rows = cur.fetchall()
+    finally:
+        db.close()
+    expanded = sum(len(e.get("recipients") or [1]) for e in events if isinstance(e, dict))
+    immediate: Counter[str] = Counter()
+    digest: Counter[str] = Counter()
+    for channel, route, reason, n in rows:
+        if route == "immediate":
+            immediate[str(channel)] += int(str(n))
+        else:
+            digest[str(reason)] += int(str(n))
+    dead = [
+        r
+        for r in read_topic(settings, Topics(settings.topic_prefix).events_dlq)
+        if r.headers.get("herald-dlt-reason") and _offset(r.headers) in offsets
+    ]
+    reasons = Counter(r.headers["herald-dlt-reason"].decode() for r in dead)
+    n_stored, n_hidden = int(str(stored)), int(str(hidden))
+    queued = ", ".join(f"{c} {n}" for c, n in sorted(immediate.items())) or "none"
+    lines = [
+        f"notifications stored     {n_stored}  ({n_hidden} hidden: in-app off)",
+        f"duplicates dropped       {expanded - n_stored}",
+        f"deliveries queued now    {queued}",
+        f"sent to digests          {digest['warning']} warnings, {digest['rate_limited']} rate-limited criticals",
+        f"dead-letter records      {len(dead)}  ({', '.join(f'{k}: {v}' for k, v in reasons.items())})",
+        "",
+        "look: psql \"$HERALD_DATABASE_URL\" -c "
+        f"\"SELECT user_id, severity, title, hidden FROM notifications WHERE source = 'demo-{run}'\"",
+    ]
+    print("\n".join(f"  {line}" if line else "" for line in lines), flush=True)
+
+
+def _offset(headers: dict[str, bytes]) -> int:
+    raw = headers.get("kafka_dlt-original-offset", b"")
+    return int.from_bytes(raw, "big", signed=True) if len(raw) == 8 else -1

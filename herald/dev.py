@@ -1,0 +1,143 @@
+"""``herald dev``: the whole pipeline on an embedded broker and PostgreSQL.
+
+Start-up order: PostgreSQL, broker, migrations, topics, the herald processes;
+only when all of them are ready is ``.herald/dev.env`` written. Shutdown (Ctrl-C
+or SIGTERM) runs in reverse: SIGTERM to the processes (each finishes its batch
+and commits), then the broker and PostgreSQL, then dev.env is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from config.settings import Settings
+from consumers.loop import Stopper
+from herald.embedded import EmbeddedStack, free_port
+from producers.topics import Topics, ensure_topics
+from storage.migrate import migrate
+
+log = logging.getLogger(__name__)
+
+
+class Child:
+    """One herald process under ``herald dev``, with its log file and metrics port."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.metrics_port = free_port()
+        self.log_path = logdir / f"{name}.log"
+        env = {**env, "HERALD_METRICS_PORT": str(self.metrics_port), "HERALD_METRICS_HOST": "127.0.0.1"}
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "herald.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def healthy(self) -> bool:
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback http)
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+                self.proc.kill()
+                self.proc.wait()
+
+
+def dev_env_lines(settings: Settings) -> str:
+    return (
+        f"HERALD_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}\n"
+        f"HERALD_DATABASE_URL={settings.database_url.get_secret_value()}\n"
+        f"HERALD_TOPIC_PREFIX={settings.topic_prefix}\n"
+    )
+
+
+def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    for child in children:
+        while not child.healthy():
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.name} not healthy after {timeout}s; see {child.log_path}")
+            time.sleep(0.2)
+
+
+def run_dev(settings: Settings, *, folder: str, demo: bool = False, ingest_processes: int = 1) -> int:
+    root = Path(folder).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env_file = root / "dev.env"
+    env_file.unlink(missing_ok=True)
+    stopper = Stopper()
+    stopper.install()
+    print(f"herald dev: starting PostgreSQL and the broker under {root} ...", flush=True)
+    with ExitStack() as stack:
+        embedded = stack.enter_context(EmbeddedStack(root))
+        dev = settings.model_copy(
+            update={
+                "kafka_bootstrap": embedded.broker.bootstrap,
+                "database_url": SecretStr(embedded.postgres.url),
+            }
+        )
+        migrate(embedded.postgres.url)
+        topics = Topics(dev.topic_prefix)
+        ensure_topics(dev, topics.ingest_topics())
+        logdir = root / "logs"
+        logdir.mkdir(exist_ok=True)
+        child_env = {**os.environ, **_env_pairs(dev)}
+        children = [Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)]
+        for child in reversed(children):
+            stack.callback(child.stop)
+        _wait_healthy(children)
+        env_file.write_text(dev_env_lines(dev))
+        stack.callback(env_file.unlink, missing_ok=True)
+        _print_ready(dev, env_file, children, topics)
+        if demo:
+            from herald.demo import run_demo
+
+            run_demo(dev)
+            print("\nherald dev keeps running; Ctrl-C stops it.", flush=True)
+        while not stopper.event.wait(1.0):
+            for child in children:
+                if child.proc.poll() is not None:
+                    print(f"herald dev: {child.name} exited ({child.proc.returncode}); see {child.log_path}")
+                    return 1
+        print("herald dev: stopping ...", flush=True)
+    print("herald dev: stopped.", flush=True)
+    return 0
+
+
+def _env_pairs(settings: Settings) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in dev_env_lines(settings).splitlines())
+
+
+def _print_ready(settings: Settings, env_file: Path, children: list[Child], topics: Topics) -> None:
+    url = settings.database_url.get_secret_value()
+    print(
+        "\nherald dev is ready.\n"
+        f"  broker      {settings.kafka_bootstrap}   (kcat -b {settings.kafka_bootstrap} -L)\n"
+        f"  postgres    psql '{url}'\n"
+        f'  events      {topics.events}  (herald produce \'{{"id":"1","type":"t","title":"Hi",'
+        f'"user_id":"u1"}}\')\n'
+        f"  env         set -a; . {env_file}; set +a\n",
+        flush=True,
+    )
+    for child in children:
+        print(f"  {child.name:<11} http://127.0.0.1:{child.metrics_port}/metrics   log {child.log_path}")
+    print(flush=True)
