@@ -36,9 +36,24 @@ class Backend:
     kind: str = "embedded"
 
 
+def backend_choice(env: dict[str, str]) -> dict[str, str]:
+    """Which backend serves each part: embedded unless overridden or containers asked for."""
+    if env.get("HERALD_TEST_BACKEND") == "containers":
+        return {"kafka": "containers", "postgres": "containers"}
+    return {
+        "kafka": "override" if env.get("HERALD_TEST_KAFKA") else "embedded",
+        "postgres": "override" if env.get("HERALD_TEST_DATABASE_URL") else "embedded",
+    }
+
+
+def pytest_report_header() -> str:
+    choice = backend_choice(dict(os.environ))
+    return f"herald backends: kafka={choice['kafka']} postgres={choice['postgres']}"
+
+
 def _containers(stack: ExitStack) -> Backend:
-    from testcontainers.kafka import KafkaContainer
-    from testcontainers.postgres import PostgresContainer
+    from testcontainers.community.kafka import KafkaContainer
+    from testcontainers.community.postgres import PostgresContainer
 
     kafka = stack.enter_context(KafkaContainer())
     pg = stack.enter_context(PostgresContainer("postgres:16", driver=None))
@@ -47,8 +62,9 @@ def _containers(stack: ExitStack) -> Backend:
 
 @pytest.fixture(scope="session")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    choice = backend_choice(dict(os.environ))
     with ExitStack() as stack:
-        if os.environ.get("HERALD_TEST_BACKEND") == "containers":
+        if choice["kafka"] == "containers":
             b = _containers(stack)
         else:
             folder = Path(tmp_path_factory.mktemp("stack"))
