@@ -107,6 +107,9 @@ def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
         raise NotJson("record has no value")
     if len(value) > max_bytes:
         raise TooLarge(f"record is {len(value)} bytes, over the limit of {max_bytes}")
+    if b"\\u0000" in value:
+        # Valid JSON, but PostgreSQL can store NUL in neither text nor jsonb.
+        raise SchemaViolation("contains a NUL character (\\u0000), which cannot be stored")
     try:
         return Envelope.model_validate_json(value)
     except ValidationError as exc:

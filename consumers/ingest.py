@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from consumers.dlq import dead_letter
 from consumers.envelope import Notification, expand, parse
 from consumers.policy import Decision, Preferences
 from herald import metrics
-from herald.errors import InvalidEvent
+from herald.errors import HeraldError, InvalidEvent, RetryableError
 from producers.publisher import OutRecord, Publisher
 from producers.topics import Topics
 from storage import notifications as store
@@ -75,8 +76,16 @@ class IngestHandler:
     def __call__(self, messages: Sequence[Message]) -> None:
         started = time.perf_counter()
         outcome = BatchOutcome(records=len(messages))
-        notes, dead = self._validate(messages, outcome)
-        decisions, stale = self._store(notes, outcome)
+        notes, dead, origin = self._validate(messages, outcome)
+        try:
+            decisions, stale = self._store(notes, outcome)
+        except RetryableError:
+            raise
+        except HeraldError as exc:
+            # The database refused something that passed validation: find it, dead-letter
+            # it, and keep the partition moving. Slow, but only on this rare path.
+            log.warning("batch refused by PostgreSQL (%s); storing its records one by one", exc)
+            decisions, stale = self._store_each(notes, origin, outcome, dead)
         out = [self._record(d) for d in decisions]
         out += [self._stale_record(s) for s in stale]
         self._publisher.publish(out + dead)
@@ -90,8 +99,9 @@ class IngestHandler:
     # step 1 and 2
     def _validate(
         self, messages: Sequence[Message], outcome: BatchOutcome
-    ) -> tuple[list[Notification], list[OutRecord]]:
+    ) -> tuple[list[Notification], list[OutRecord], dict[uuid.UUID, Message]]:
         notes: dict[tuple[str, str], Notification] = {}
+        origin: dict[uuid.UUID, Message] = {}
         dead: list[OutRecord] = []
         for msg in messages:
             try:
@@ -119,8 +129,42 @@ class IngestHandler:
                     outcome.duplicates += 1
                 else:
                     notes[key] = n
+                    origin[n.id] = msg
         outcome.invalid = len(dead)
-        return list(notes.values()), dead
+        return list(notes.values()), dead, origin
+
+    def _store_each(
+        self,
+        notes: list[Notification],
+        origin: dict[uuid.UUID, Message],
+        outcome: BatchOutcome,
+        dead: list[OutRecord],
+    ) -> tuple[list[Decision], list[store.UnpublishedDelivery]]:
+        """Fallback: one transaction per source record; the ones refused go to the DLQ."""
+        groups: dict[int, list[Notification]] = {}
+        for n in notes:
+            groups.setdefault(id(origin[n.id]), []).append(n)
+        decisions: list[Decision] = []
+        stale: list[store.UnpublishedDelivery] = []
+        for group in groups.values():
+            msg = origin[group[0].id]
+            try:
+                d, s = self._store(group, outcome)
+            except RetryableError:
+                raise
+            except HeraldError as exc:
+                log.warning(
+                    "%s[%d]@%d: refused by PostgreSQL -> dead-letter topic",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                )
+                dead.append(dead_letter(msg, self._topics.events_dlq, exc, "rejected"))
+                outcome.invalid += 1
+                continue
+            decisions += d
+            stale += s
+        return decisions, stale
 
     # step 3
     def _store(
@@ -141,9 +185,9 @@ class IngestHandler:
             store.insert_deliveries(cur, decisions)
             seen_before = [n.id for n in notes if n.id not in inserted]
             stale = store.unpublished_for(cur, seen_before)
-        outcome.inserted = len(new)
+        outcome.inserted += len(new)
         outcome.duplicates += len(notes) - len(new)
-        outcome.hidden = sum(1 for n, h in zip(notes, hidden, strict=True) if h and n.id in inserted)
+        outcome.hidden += sum(1 for n, h in zip(notes, hidden, strict=True) if h and n.id in inserted)
         for d in decisions:
             if d.reason == policy.REASON_RATE_LIMITED:
                 outcome.rate_limited += 1
