@@ -112,7 +112,8 @@ class BatchLoop:
         self.stopper = stopper or Stopper()
         self.health = health or Health()
         self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
-        self._revoked = False
+        self._group = group
+        self._next_lag_report = 0.0
 
     def run(
         self,
@@ -135,6 +136,7 @@ class BatchLoop:
                 if idle_timeout is not None and time.monotonic() - last_data > idle_timeout:
                     break
                 self.health.beat()
+                self._report_lag()
                 batch = self._poll()
                 if not batch:
                     continue
@@ -160,7 +162,6 @@ class BatchLoop:
 
     def _process(self, batch: list[Message]) -> bool:
         """Steps 2 and 3 for one batch; False when the batch was dropped uncommitted."""
-        self._revoked = False
         backoff = self._settings.db_backoff_min_ms / 1000
         while True:
             try:
@@ -198,11 +199,31 @@ class BatchLoop:
             except KafkaException:
                 pass  # no longer ours: the new owner starts from the committed offset
 
+    def _report_lag(self, every: float = 15.0) -> None:
+        """Set the lag gauge: high watermark minus committed offset, summed per topic."""
+        now = time.monotonic()
+        if now < self._next_lag_report:
+            return
+        self._next_lag_report = now + every
+        try:
+            assigned = self._consumer.assignment()
+            if not assigned:
+                return
+            lag: dict[str, int] = {}
+            for tp in self._consumer.committed(assigned, timeout=5):
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5)
+                start = tp.offset if tp.offset >= 0 else low
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - start)
+        except KafkaException as exc:
+            log.debug("%s: lag not measured: %s", self._name, exc)
+            return
+        for topic, value in lag.items():
+            metrics.CONSUMER_LAG.labels(self._group, topic).set(value)
+
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self._name, _describe(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._revoked = True
         log.info("%s: revoked %s", self._name, _describe(partitions))
 
     def _close(self) -> None:

@@ -41,6 +41,7 @@ def run_ingest(
     with ExitStack() as stack:
         if settings.metrics_port >= 0:
             server = serve(settings.metrics_host, settings.metrics_port, health.ok)
+            stack.callback(server.server_close)
             stack.callback(server.shutdown)
         db = Database(settings.database_url.get_secret_value())
         stack.callback(db.close)
