@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,22 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# The TOML file named by load_settings(), for the duration of that call only.
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("herald_config_file", default=None)
+
 CHANNELS: tuple[str, ...] = ("email", "push", "webhook")
 
 # Default redaction: card numbers, bearer/API tokens, email addresses in free text.
 DEFAULT_REDACTIONS: tuple[str, ...] = (
-    r"\b(?:\d[ -]?){13,19}\b",
-    r"\b(?:sk|pk|rk|ghp|gho|xox[abp])_[A-Za-z0-9_]{8,}\b",
+    r"\b\d(?:[ -]?\d){12,18}\b",
+    r"\b(?:sk|pk|rk|ghp|gho)_[A-Za-z0-9_]{8,}\b",
+    r"\bxox[abposr]-[A-Za-z0-9-]{8,}",
     r"\b(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}",
     r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
 )
+
+
+DEFAULT_RATE_LIMITS: dict[str, int] = {"email": 5, "push": 20, "webhook": 60}
 
 
 class PolicySettings(BaseModel):
@@ -50,6 +58,14 @@ class PolicySettings(BaseModel):
     rate_limits: dict[str, int] = Field(default_factory=lambda: {"email": 5, "push": 20, "webhook": 60})
     redactions: tuple[str, ...] = DEFAULT_REDACTIONS
     summary_chars: int = Field(default=280, ge=20, le=280)
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _keep_other_limits(cls, value: Any) -> Any:
+        """Setting one channel's limit keeps the defaults of the others."""
+        if isinstance(value, dict):
+            return {**DEFAULT_RATE_LIMITS, **value}
+        return value
 
     @field_validator("redactions")
     @classmethod
@@ -126,7 +142,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = os.environ.get("HERALD_CONFIG_FILE")
+        toml_file = _CONFIG_FILE.get() or os.environ.get("HERALD_CONFIG_FILE")
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
         return tuple(sources)
@@ -134,9 +150,13 @@ class Settings(BaseSettings):
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Read settings once; ``config_file`` names an optional TOML file."""
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"settings file not found: {path}")
-        os.environ["HERALD_CONFIG_FILE"] = str(path)
-    return Settings(**overrides)
+    if config_file is None:
+        return Settings(**overrides)
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file not found: {path}")
+    token = _CONFIG_FILE.set(str(path))
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE.reset(token)

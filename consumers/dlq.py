@@ -39,7 +39,7 @@ def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -
     ]
     return OutRecord(
         topic=dlq_topic,
-        value=msg.value() or b"",
+        value=msg.value(),
         key=msg.key(),
         headers=original + added,
         timestamp_ms=ts if kind != TIMESTAMP_NOT_AVAILABLE else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ EXTERNAL_SEVERITIES = frozenset({"warning", "critical"})
 
 # Notification ids are uuid5(user_id NUL idempotency_key): the same event always
 # maps onto the same row, in every process, before any database round trip.
+# A JSON \u0000 escape: an odd run of backslashes before u0000 (an even run is text).
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
 NOTIFICATION_NS = uuid.UUID("6c1f8e2a-3b57-4d6e-9a0c-2f4b8d1e7a90")
 
 
@@ -56,6 +60,9 @@ class Envelope(BaseModel):
     def _relative_or_https(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if "\\" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            # Browsers read "/\\evil.com" or "/<tab>/evil.com" as "//evil.com": another host.
+            raise ValueError("target_url must not contain backslashes or control characters")
         if value.startswith("https://") and len(value) > len("https://"):
             return value
         if value.startswith("/") and not value.startswith("//"):
@@ -107,7 +114,7 @@ def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
         raise NotJson("record has no value")
     if len(value) > max_bytes:
         raise TooLarge(f"record is {len(value)} bytes, over the limit of {max_bytes}")
-    if b"\\u0000" in value:
+    if b"\\u0000" in value and _NUL_ESCAPE.search(value):
         # Valid JSON, but PostgreSQL can store NUL in neither text nor jsonb.
         raise SchemaViolation("contains a NUL character (\\u0000), which cannot be stored")
     try:

@@ -119,8 +119,19 @@ def _check_endpoint(channel: str, address: str) -> str:
             sub = json.loads(address)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"a push subscription must be JSON: {exc}") from exc
-        if not isinstance(sub, dict) or "endpoint" not in sub or "keys" not in sub:
-            raise ConfigError('a push subscription needs "endpoint" and "keys" (p256dh, auth)')
+        keys = sub.get("keys") if isinstance(sub, dict) else None
+        endpoint = sub.get("endpoint") if isinstance(sub, dict) else None
+        usable = (
+            isinstance(endpoint, str)
+            and endpoint.startswith("https://")
+            and isinstance(keys, dict)
+            and all(isinstance(keys.get(k), str) and keys[k] for k in ("p256dh", "auth"))
+        )
+        if not usable:
+            raise ConfigError(
+                'a push subscription needs "endpoint" and "keys": an https:// endpoint, '
+                'and keys with non-empty "p256dh" and "auth"'
+            )
         return json.dumps(sub, separators=(",", ":"), sort_keys=True)
     return address
 
@@ -128,7 +139,13 @@ def _check_endpoint(channel: str, address: str) -> str:
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     from herald.dev import run_dev
 
-    return run_dev(settings, folder=args.folder, demo=args.demo, ingest_processes=args.ingest_processes)
+    return run_dev(
+        settings,
+        folder=args.folder,
+        demo=args.demo,
+        ingest_processes=args.ingest_processes,
+        config_file=args.config,
+    )
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -146,10 +146,11 @@ def report(settings: Settings, run: str, events: list[dict[str, Any] | bytes], o
         f"notifications stored     {n_stored}  ({n_hidden} hidden: in-app off)",
         f"duplicates dropped       {expanded - n_stored}",
         f"deliveries queued now    {queued}",
-        f"sent to digests          {digest['warning']} warnings, {digest['rate_limited']} rate-limited criticals",
+        f"sent to digests          {digest['warning']} warnings, "
+        f"{digest['rate_limited']} rate-limited criticals",
         f"dead-letter records      {len(dead)}  ({', '.join(f'{k}: {v}' for k, v in reasons.items())})",
         "",
-        "look: psql \"$HERALD_DATABASE_URL\" -c "
+        'look: psql "$HERALD_DATABASE_URL" -c '  # noqa: S608 (a hint printed for the operator)
         f"\"SELECT user_id, severity, title, hidden FROM notifications WHERE source = 'demo-{run}'\"",
     ]
     print("\n".join(f"  {line}" if line else "" for line in lines), flush=True)

@@ -79,7 +79,14 @@ def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def run_dev(settings: Settings, *, folder: str, demo: bool = False, ingest_processes: int = 1) -> int:
+def run_dev(
+    settings: Settings,
+    *,
+    folder: str,
+    demo: bool = False,
+    ingest_processes: int = 1,
+    config_file: str | None = None,
+) -> int:
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
     env_file = root / "dev.env"

@@ -22,7 +22,7 @@ Position = tuple[str, int, int]
 @dataclass(frozen=True, slots=True)
 class OutRecord:
     topic: str
-    value: bytes
+    value: bytes | None
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
     timestamp_ms: int | None = None

@@ -11,6 +11,8 @@ A test that needs a backend fails when none starts; it never skips.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -61,13 +63,16 @@ def _containers(stack: ExitStack) -> Backend:
 
 
 @pytest.fixture(scope="session")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend() -> Iterator[Backend]:
     choice = backend_choice(dict(os.environ))
     with ExitStack() as stack:
         if choice["kafka"] == "containers":
             b = _containers(stack)
         else:
-            folder = Path(tmp_path_factory.mktemp("stack"))
+            # Not under pytest's basetemp: every pytest start (a nested run included) resets
+            # /tmp/pytest-of-<user> to mode 0700, which locks out the server's own system user.
+            folder = Path(tempfile.mkdtemp(prefix="herald-test-"))
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
             pg = None
             url = os.environ.get("HERALD_TEST_DATABASE_URL")
             if not url:
