@@ -3,7 +3,8 @@
 For each batch, in this order:
 
 1. validate every record; malformed ones become dead-letter records;
-2. expand recipients, derive idempotency keys, drop in-batch duplicates;
+2. expand recipients, derive idempotency keys, drop in-batch duplicates
+   (steps 1-2 are ``prepare``: CPU only, overlapping the previous batch's I/O);
 3. in ONE PostgreSQL transaction: read preferences, insert the new notifications
    (dedupe on ``(user_id, idempotency_key)``), count rate limits, insert one
    delivery row per (notification, channel) decision, and read back the
@@ -25,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
@@ -61,6 +62,17 @@ class BatchOutcome:
     by_channel: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A validated batch, ready for its transaction."""
+
+    notes: list[Notification]
+    dead: list[OutRecord]
+    origin: dict[uuid.UUID, Message]
+    outcome: BatchOutcome
+    started: float
+
+
 class IngestHandler:
     """The batch handler for ``herald.events``; see the module docstring for the order."""
 
@@ -74,9 +86,20 @@ class IngestHandler:
         self.totals = BatchOutcome()
 
     def __call__(self, messages: Sequence[Message]) -> None:
+        self.apply(self.prepare(messages))
+
+    def prepare(self, messages: Sequence[Message]) -> Prepared:
+        """Steps 1 and 2: CPU only, so it can run while the previous batch is applied."""
         started = time.perf_counter()
         outcome = BatchOutcome(records=len(messages))
         notes, dead, origin = self._validate(messages, outcome)
+        return Prepared(notes, dead, origin, outcome, started)
+
+    def apply(self, prepared: Prepared) -> None:
+        """Steps 3 to 5; safe to call again with the same batch after a retryable failure."""
+        notes, origin, started = prepared.notes, prepared.origin, prepared.started
+        outcome = replace(prepared.outcome, by_channel={})
+        dead = list(prepared.dead)
         try:
             decisions, stale = self._store(notes, outcome)
         except RetryableError:

@@ -2,10 +2,16 @@
 
 Per batch, in this order (quix-streams' checkpoint order):
 
-1. poll a bounded batch: ``batch_size`` records or ``batch_time_ms``, whichever comes first;
-2. hand it to the handler, which makes the work durable: rows committed in
-   PostgreSQL, downstream records acknowledged by the broker;
+1. poll a bounded batch: ``batch_size`` records or ``batch_time_ms``, whichever
+   comes first, and ``prepare`` it (pure CPU: parse, validate, expand);
+2. ``apply`` it, which makes the work durable: rows committed in PostgreSQL,
+   downstream records acknowledged by the broker;
 3. commit the batch's offsets, synchronously.
+
+Two batches overlap: while batch N is applied on a worker thread (mostly waiting
+on PostgreSQL and the broker), the loop polls and prepares batch N+1. Batches are
+still applied and committed strictly one after another, in order. A rebalance
+drains the batch in flight and commits it before the partitions go.
 
 A retryable failure in step 2 (PostgreSQL down, broker slow) keeps the batch in
 hand and retries it with doubling backoff: no offset moves and nothing goes to a
@@ -20,10 +26,11 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -36,8 +43,30 @@ log = logging.getLogger(__name__)
 
 
 class BatchHandler(Protocol):
-    def __call__(self, messages: Sequence[Message]) -> None:
+    def prepare(self, messages: Sequence[Message]) -> Any:
+        """Pure CPU work on a batch, no I/O; may run while the previous batch is applied."""
+
+    def apply(self, prepared: Any) -> None:
         """Make the batch durable, or raise. Must be idempotent: a batch can come twice."""
+
+
+class CallableHandler:
+    """Adapts a plain ``handler(messages)`` function: nothing to prepare."""
+
+    def __init__(self, fn: Callable[[Sequence[Message]], None]) -> None:
+        self._fn = fn
+
+    def prepare(self, messages: Sequence[Message]) -> Sequence[Message]:
+        return messages
+
+    def apply(self, prepared: Sequence[Message]) -> None:
+        self._fn(prepared)
+
+
+@dataclass
+class InFlight:
+    batch: list[Message]
+    future: Future[bool]
 
 
 def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
@@ -100,7 +129,7 @@ class BatchLoop:
         name: str,
         group: str,
         topics: Sequence[str],
-        handler: BatchHandler,
+        handler: BatchHandler | Callable[[Sequence[Message]], None],
         stopper: Stopper | None = None,
         health: Health | None = None,
         consumer_extra: dict[str, Any] | None = None,
@@ -108,7 +137,12 @@ class BatchLoop:
         self._settings = settings
         self._name = name
         self._topics = list(topics)
-        self._handler = handler
+        self._handler: BatchHandler = (
+            CallableHandler(handler) if not hasattr(handler, "apply") else cast(BatchHandler, handler)
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-apply")
+        self._in_flight: InFlight | None = None
+        self._stats = RunStats()
         self.stopper = stopper or Stopper()
         self.health = health or Health()
         self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
@@ -123,7 +157,7 @@ class BatchLoop:
         idle_timeout: float | None = None,
     ) -> RunStats:
         """Loop until stopped; ``max_messages``/``timeout``/``idle_timeout`` bound test runs."""
-        stats = RunStats()
+        stats = self._stats
         deadline = None if timeout is None else time.monotonic() + timeout
         last_data = time.monotonic()
         self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -137,16 +171,38 @@ class BatchLoop:
                     break
                 self.health.beat()
                 self._report_lag()
-                batch = self._poll()
-                if not batch:
+                batch = self._poll()  # may run _on_revoke, which drains the batch in flight
+                prepared = self._handler.prepare(batch) if batch else None
+                if not self._drain():
+                    # Batch N was dropped and rewound; N+1 was polled past it: drop it too.
+                    self._rewind(batch)
                     continue
-                last_data = time.monotonic()
-                if self._process(batch):
-                    stats.batches += 1
-                    stats.messages += len(batch)
+                if batch:
+                    last_data = time.monotonic()
+                    future = self._worker.submit(self._apply, batch, prepared)
+                    self._in_flight = InFlight(batch, future)
+            self._drain()
         finally:
             self._close()
         return stats
+
+    def _drain(self) -> bool:
+        """Wait for the batch in flight and commit it; False if it was dropped uncommitted."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return True
+        if not flight.future.result():  # re-raises what apply raised (not retryable)
+            return False
+        try:
+            self._commit(flight.batch)
+        except AssignmentLost as exc:
+            metrics.ASSIGNMENT_LOST.labels(self._name).inc()
+            log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
+            self._rewind(flight.batch)
+            return False
+        self._stats.batches += 1
+        self._stats.messages += len(flight.batch)
+        return True
 
     def _poll(self) -> list[Message]:
         s = self._settings
@@ -160,29 +216,20 @@ class BatchLoop:
                 log.warning("%s: consumer error: %s", self._name, err)
         return out
 
-    def _process(self, batch: list[Message]) -> bool:
-        """Steps 2 and 3 for one batch; False when the batch was dropped uncommitted."""
+    def _apply(self, batch: list[Message], prepared: Any) -> bool:
+        """Step 2 on the worker, retried in hand while retryable; False if stopped meanwhile."""
         backoff = self._settings.db_backoff_min_ms / 1000
         while True:
             try:
-                self._handler(batch)
-                break
+                self._handler.apply(prepared)
+                return True
             except RetryableError as exc:
                 metrics.DB_UNAVAILABLE.labels(self._name).inc()
                 log.warning("%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, backoff)
                 if self.stopper.event.wait(backoff):
-                    self._rewind(batch)
                     return False
                 self.health.beat()
                 backoff = min(backoff * 2, self._settings.db_backoff_max_ms / 1000)
-        try:
-            self._commit(batch)
-        except AssignmentLost as exc:
-            metrics.ASSIGNMENT_LOST.labels(self._name).inc()
-            log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
-            self._rewind(batch)
-            return False
-        return True
 
     def _commit(self, batch: Sequence[Message]) -> None:
         offsets = next_offsets(batch)
@@ -224,9 +271,12 @@ class BatchLoop:
         log.info("%s: assigned %s", self._name, _describe(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Finish and commit the batch in flight while the partitions are still ours.
+        self._drain()
         log.info("%s: revoked %s", self._name, _describe(partitions))
 
     def _close(self) -> None:
+        self._worker.shutdown(wait=True)
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:

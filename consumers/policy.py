@@ -63,18 +63,18 @@ class Preferences:
         return bool(getattr(self, channel))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
-    """One (notification, channel) outcome: a delivery row and one topic record."""
+    """One (notification, channel) outcome: a delivery row and one topic record. Immutable in use."""
 
     notification: Notification
     channel: str
     route: str
     reason: str | None
+    delivery_id: uuid.UUID
 
-    @property
-    def delivery_id(self) -> uuid.UUID:
-        return delivery_id(self.notification.id, self.channel)
+    def to_digest(self, reason: str) -> Decision:
+        return Decision(self.notification, self.channel, DIGEST, reason, self.delivery_id)
 
 
 def delivery_id(notification_id: uuid.UUID, channel: str) -> uuid.UUID:
@@ -89,10 +89,11 @@ def plan(notification: Notification, prefs: Preferences) -> list[Decision]:
     for channel in CHANNELS:
         if not prefs.channel_on(channel):
             continue
+        did = delivery_id(notification.id, channel)
         if notification.severity == "critical" or prefs.digest_minutes == 0:
-            out.append(Decision(notification, channel, IMMEDIATE, None))
+            out.append(Decision(notification, channel, IMMEDIATE, None, did))
         else:
-            out.append(Decision(notification, channel, DIGEST, REASON_WARNING))
+            out.append(Decision(notification, channel, DIGEST, REASON_WARNING, did))
     return out
 
 
@@ -135,7 +136,7 @@ def apply_rate_limits(
         if used[key] < policy.rate_limit(d.channel):
             out.append(d)
         else:
-            out.append(Decision(d.notification, d.channel, DIGEST, REASON_RATE_LIMITED))
+            out.append(d.to_digest(REASON_RATE_LIMITED))
         used[key] += 1
     return out
 
@@ -149,10 +150,16 @@ def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
 
 def redact(text: str | None, patterns: tuple[str, ...]) -> str | None:
     """Mask what the redaction list matches before anything leaves the system."""
-    rx = _compiled(patterns)
-    if text is None or rx is None:
+    if text is None or not patterns:
         return text
-    return rx.sub("[redacted]", text)
+    return _redacted(text, patterns)
+
+
+@lru_cache(maxsize=8192)
+def _redacted(text: str, patterns: tuple[str, ...]) -> str:
+    # Cached: titles and summaries repeat (one per channel, and the same job failing).
+    rx = _compiled(patterns)
+    return text if rx is None else rx.sub("[redacted]", text)
 
 
 def external_record(

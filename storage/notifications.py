@@ -1,5 +1,8 @@
 """Batch statements for ingest: one round trip per statement, never per event.
 
+Arrays travel as binary parameters (``%b``): psycopg quoting thousands of text
+array elements was the largest single cost of a batch.
+
 Every statement that takes row locks feeds its rows in a stable order
 (``ORDER BY`` the conflict key), so several ingest processes working on
 overlapping users queue behind each other instead of deadlocking.
@@ -23,15 +26,15 @@ Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 _PREFS_SQL = """
 SELECT user_id, in_app, email, push, webhook, digest_minutes
-FROM notification_preferences WHERE user_id = ANY(%s)
+FROM notification_preferences WHERE user_id = ANY(%b)
 """
 
 _INSERT_NOTIFICATIONS_SQL = """
 INSERT INTO notifications (id, user_id, source, type, category, severity, title, body,
     summary, target_url, data, sensitive, idempotency_key, batch_key, hidden, occurred_at)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-    %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[], %s::bool[], %s::text[],
-    %s::text[], %s::bool[], %s::timestamptz[]) AS t
+SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+    %b::text[], %b::text[], %b::text[], %b::text[], %b::jsonb[], %b::bool[], %b::text[],
+    %b::text[], %b::bool[], %b::timestamptz[]) AS t
 ORDER BY 2, 13
 ON CONFLICT (user_id, idempotency_key) DO NOTHING
 RETURNING id
@@ -39,7 +42,7 @@ RETURNING id
 
 _RATE_SQL = """
 INSERT INTO rate_limits (user_id, channel, window_start, count)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[]) AS t ORDER BY 1, 2, 3
+SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[], %b::int[]) AS t ORDER BY 1, 2, 3
 ON CONFLICT (user_id, channel, window_start)
 DO UPDATE SET count = rate_limits.count + excluded.count
 RETURNING user_id, channel, window_start, count
@@ -47,7 +50,7 @@ RETURNING user_id, channel, window_start, count
 
 _INSERT_DELIVERIES_SQL = """
 INSERT INTO deliveries (id, notification_id, user_id, channel, route, reason)
-SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[]) AS t
+SELECT * FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[]) AS t
 ORDER BY 1
 ON CONFLICT (id) DO NOTHING
 """
@@ -56,13 +59,13 @@ _UNPUBLISHED_SQL = """
 SELECT d.id, d.notification_id, d.user_id, d.channel, d.route, d.reason, n.severity, n.type,
        n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at
 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-WHERE d.notification_id = ANY(%s) AND d.published_at IS NULL
+WHERE d.notification_id = ANY(%b) AND d.published_at IS NULL
 ORDER BY d.id
 """
 
 _MARK_PUBLISHED_SQL = """
 UPDATE deliveries d SET published_at = now(), updated_at = now()
-FROM (SELECT id FROM deliveries WHERE id = ANY(%s) AND published_at IS NULL
+FROM (SELECT id FROM deliveries WHERE id = ANY(%b) AND published_at IS NULL
       ORDER BY id FOR UPDATE) s
 WHERE d.id = s.id
 """
