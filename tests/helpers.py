@@ -30,8 +30,13 @@ def event(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
-def produce(settings: Settings, values: Iterable[dict[str, Any] | bytes], *, key: bytes | None = None,
-            headers: list[tuple[str, bytes]] | None = None) -> list[Position]:
+def produce(
+    settings: Settings,
+    values: Iterable[dict[str, Any] | bytes],
+    *,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> list[Position]:
     """Produce to <prefix>.events (created if missing); returns where each record landed."""
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.ingest_topics())
@@ -89,8 +94,9 @@ def start_ingest(settings: Settings, group: str | None = None) -> IngestThread:
     return IngestThread(settings, group, stopper, t, result)
 
 
-def ingest(settings: Settings, positions: Sequence[Position], group: str | None = None,
-           timeout: float = 60.0) -> IngestRun:
+def ingest(
+    settings: Settings, positions: Sequence[Position], group: str | None = None, timeout: float = 60.0
+) -> IngestRun:
     """Run ingest until the group has committed past every produced record."""
     runner = start_ingest(settings, group)
     try:

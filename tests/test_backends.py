@@ -47,9 +47,19 @@ def test_overrides_point_the_suite_at_an_existing_stack(backend: Backend) -> Non
     }
     env.pop("HERALD_TEST_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-         "tests/test_dedupe.py::test_same_event_twice_in_one_batch"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_dedupe.py::test_same_event_twice_in_one_batch",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "herald backends: kafka=override postgres=override" in proc.stdout

@@ -17,14 +17,18 @@ def count(db: psycopg.Connection[tuple[object, ...]], sql: str = "SELECT count(*
     return int(str(row[0]))
 
 
-def test_same_event_twice_in_one_batch(settings: Settings, db: psycopg.Connection[tuple[object, ...]]) -> None:
+def test_same_event_twice_in_one_batch(
+    settings: Settings, db: psycopg.Connection[tuple[object, ...]]
+) -> None:
     e = event()
     run = ingest(settings, produce(settings, [e, e]))
     assert count(db) == 1
     assert run.handler.totals.duplicates == 1
 
 
-def test_same_event_twice_across_batches(settings: Settings, db: psycopg.Connection[tuple[object, ...]]) -> None:
+def test_same_event_twice_across_batches(
+    settings: Settings, db: psycopg.Connection[tuple[object, ...]]
+) -> None:
     e = event()
     ingest(settings, produce(settings, [e]), group="g-across")
     run = ingest(settings, produce(settings, [e]), group="g-across")
@@ -33,7 +37,9 @@ def test_same_event_twice_across_batches(settings: Settings, db: psycopg.Connect
     assert run.handler.totals.inserted == 0
 
 
-def test_same_event_after_restart_with_new_group(settings: Settings, db: psycopg.Connection[tuple[object, ...]]) -> None:
+def test_same_event_after_restart_with_new_group(
+    settings: Settings, db: psycopg.Connection[tuple[object, ...]]
+) -> None:
     """A replay from offset zero by a fresh group is a restart that forgot everything but Postgres."""
     positions = produce(settings, [event(), event(), event()])
     ingest(settings, positions)
