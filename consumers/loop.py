@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from config.settings import Settings
 from herald import metrics
-from herald.errors import AssignmentLost, RetryableError
+from herald.errors import AssignmentLost, DatabaseUnavailable, RetryableError
 from herald.http import Health
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class BatchLoop:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-apply")
         self._in_flight: InFlight | None = None
         self._stats = RunStats()
+        self._deadline: float | None = None
         self.stopper = stopper or Stopper()
         self.health = health or Health()
         self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
@@ -159,6 +160,7 @@ class BatchLoop:
         """Loop until stopped; ``max_messages``/``timeout``/``idle_timeout`` bound test runs."""
         stats = self._stats
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = deadline
         last_data = time.monotonic()
         self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
@@ -217,16 +219,26 @@ class BatchLoop:
         return out
 
     def _apply(self, batch: list[Message], prepared: Any) -> bool:
-        """Step 2 on the worker, retried in hand while retryable; False if stopped meanwhile."""
+        """Step 2 on the worker, retried in hand while retryable; False if stopped (or out of time)."""
         backoff = self._settings.db_backoff_min_ms / 1000
         while True:
             try:
                 self._handler.apply(prepared)
                 return True
             except RetryableError as exc:
-                metrics.DB_UNAVAILABLE.labels(self._name).inc()
+                counter = (
+                    metrics.DB_UNAVAILABLE
+                    if isinstance(exc, DatabaseUnavailable)
+                    else metrics.BROKER_UNAVAILABLE
+                )
+                counter.labels(self._name).inc()
                 log.warning("%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, backoff)
-                if self.stopper.event.wait(backoff):
+                wait = backoff
+                if self._deadline is not None:
+                    wait = min(wait, max(0.0, self._deadline - time.monotonic()))
+                if self.stopper.event.wait(wait) or (
+                    self._deadline is not None and time.monotonic() >= self._deadline
+                ):
                     return False
                 self.health.beat()
                 backoff = min(backoff * 2, self._settings.db_backoff_max_ms / 1000)

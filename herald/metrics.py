@@ -26,7 +26,12 @@ DLQ_RECORDS = Counter(
 )
 DB_UNAVAILABLE = Counter(
     "herald_db_unavailable",
-    "Batches paused because PostgreSQL was unreachable.",
+    "Batch retries because PostgreSQL was unreachable.",
+    ["process"],
+)
+BROKER_UNAVAILABLE = Counter(
+    "herald_broker_unavailable",
+    "Batch retries because the broker did not acknowledge their records.",
     ["process"],
 )
 ASSIGNMENT_LOST = Counter(

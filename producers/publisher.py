@@ -32,7 +32,10 @@ class OutRecord:
 
 class Publisher(Protocol):
     def publish(self, records: Sequence[OutRecord]) -> list[Position]:
-        """Return only once every record is acknowledged; raise ``BrokerUnavailable`` if not."""
+        """Return only once every record is acknowledged; raise ``BrokerUnavailable`` if not.
+
+        The positions come in acknowledgement order, not in the order of ``records``.
+        """
 
     def close(self) -> None: ...
 

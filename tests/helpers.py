@@ -37,7 +37,7 @@ def produce(
     key: bytes | None = None,
     headers: list[tuple[str, bytes]] | None = None,
 ) -> list[Position]:
-    """Produce to <prefix>.events (created if missing); returns where each record landed."""
+    """Produce to <prefix>.events (created if missing); returns where the records landed (in ack order)."""
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.ingest_topics())
     recs = [
