@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench dev clean
+.PHONY: demo test check bench dev clean tools
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,16 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/herald dev
 
-test: $(STAMP)
+# kcat (Debian's) is the independent Kafka client the dev-stack test checks dev.env with.
+KCAT := $(shell command -v kcat 2>/dev/null)
+tools:
+ifeq ($(KCAT),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat >/dev/null; \
+	else echo "kcat is missing: install it (Debian: apt-get install kcat) for tests/test_dev.py"; fi
+endif
+
+test: $(STAMP) tools
 	$(BIN)/pytest
 
 check: $(STAMP)
