@@ -138,7 +138,7 @@ def _print_ready(settings: Settings, env_file: Path, children: list[Child], topi
     url = settings.database_url.get_secret_value()
     print(
         "\nherald dev is ready.\n"
-        f"  broker      {settings.kafka_bootstrap}   (kcat -b {settings.kafka_bootstrap} -L)\n"
+        f"  broker      {settings.kafka_bootstrap}\n"
         f"  postgres    psql '{url}'\n"
         f'  events      {topics.events}  (herald produce \'{{"id":"1","type":"t","title":"Hi",'
         f'"user_id":"u1"}}\')\n'
