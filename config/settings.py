@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     metrics_port: int = 9400
 
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    # Mapping rules for events in other shapes (TOML, see config/rules/); None: native
+    # envelopes and CloudEvents only.
+    rules_file: Path | None = None
     log_level: str = "INFO"
 
     @field_validator("kafka", mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ class Notification:
         return self.severity in EXTERNAL_SEVERITIES
 
 
-def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
-    """Validate one record value; raises an ``InvalidEvent`` subclass naming why."""
+def check_raw(value: bytes | None, *, max_bytes: int) -> bytes:
+    """What every record must pass before anyone reads it: a value, the size limit, no NUL."""
     if value is None:
         raise NotJson("record has no value")
     if len(value) > max_bytes:
@@ -124,10 +125,53 @@ def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
     if b"\\u0000" in value and _NUL_ESCAPE.search(value):
         # Valid JSON, but PostgreSQL can store NUL in neither text nor jsonb.
         raise SchemaViolation("contains a NUL character (\\u0000), which cannot be stored")
+    return value
+
+
+def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
+    """Validate one record value; raises an ``InvalidEvent`` subclass naming why."""
+    raw = check_raw(value, max_bytes=max_bytes)
     try:
-        return Envelope.model_validate_json(value)
+        return Envelope.model_validate_json(raw)
     except ValidationError as exc:
         raise _classify(exc) from None
+
+
+def load_json(value: bytes) -> Any:
+    """Any JSON value; ``NotJson`` when it is not JSON."""
+    try:
+        return json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise NotJson(f"not valid JSON: {exc}") from None
+
+
+def load_object(value: bytes) -> dict[str, Any]:
+    """A JSON object; ``NotJson`` or ``NotAnObject`` naming why not."""
+    obj = load_json(value)
+    if not isinstance(obj, dict):
+        raise NotAnObject("the record is JSON but not an object")
+    return obj
+
+
+def from_object(obj: dict[str, Any], context: str = "") -> Envelope:
+    """Validate an already-decoded object (CloudEvent data, a rule's output) as an envelope."""
+    try:
+        return Envelope.model_validate(obj)
+    except ValidationError as exc:
+        err = _classify(exc)
+        if context:
+            raise SchemaViolation(f"{context}: {err.message}") from None
+        raise err from None
+
+
+def looks_native(obj: dict[str, Any]) -> bool:
+    """Carries every key the native envelope requires (values unchecked).
+
+    With mapping rules configured, an object no rule matches is read as a native
+    envelope only when it looks native: then a bad value is a schema violation;
+    otherwise the record is unmapped.
+    """
+    return "id" in obj and "type" in obj and "title" in obj and ("user_id" in obj or "recipients" in obj)
 
 
 def _classify(exc: ValidationError) -> SchemaViolation | NotJson | NotAnObject:

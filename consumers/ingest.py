@@ -33,8 +33,9 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from config.settings import Settings
 from consumers import policy
+from consumers.decode import Decoder
 from consumers.dlq import dead_letter
-from consumers.envelope import Notification, expand, parse
+from consumers.envelope import Notification, expand
 from consumers.policy import Decision, Preferences
 from herald import metrics
 from herald.errors import HeraldError, InvalidEvent, RetryableError
@@ -59,6 +60,7 @@ class BatchOutcome:
     immediate: int = 0
     digest: int = 0
     republished: int = 0
+    content_keys: int = 0
     by_channel: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,8 +78,17 @@ class Prepared:
 class IngestHandler:
     """The batch handler for ``herald.events``; see the module docstring for the order."""
 
-    def __init__(self, settings: Settings, db: Database, publisher: Publisher, topics: Topics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        publisher: Publisher,
+        topics: Topics,
+        decoder: Decoder | None = None,
+    ) -> None:
         self._settings = settings
+        # Native and CloudEvents only, unless the composition root passes one with rules.
+        self._decode = decoder or Decoder(max_bytes=settings.max_event_bytes)
         self._policy = settings.policy
         self._db = db
         self._publisher = publisher
@@ -128,7 +139,7 @@ class IngestHandler:
         dead: list[OutRecord] = []
         for msg in messages:
             try:
-                env = parse(msg.value(), max_bytes=self._settings.max_event_bytes)
+                decoded = self._decode(msg.value(), msg.headers(), msg.topic() or "")
             except InvalidEvent as exc:
                 log.info(
                     "%s[%d]@%d: invalid event (%s) -> dead-letter topic",
@@ -141,18 +152,20 @@ class IngestHandler:
                 continue
             kind, ts = msg.timestamp()
             record_time = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(ts / 1000, UTC)
-            for n in expand(
-                env,
-                default_source=msg.topic() or "",
-                record_time=record_time,
-                summary_chars=self._policy.summary_chars,
-            ):
-                key = (n.user_id, n.idempotency_key)
-                if key in notes:
-                    outcome.duplicates += 1
-                else:
-                    notes[key] = n
-                    origin[n.id] = msg
+            outcome.content_keys += decoded.content_keyed
+            for env in decoded.envelopes:
+                for n in expand(
+                    env,
+                    default_source=msg.topic() or "",
+                    record_time=record_time,
+                    summary_chars=self._policy.summary_chars,
+                ):
+                    key = (n.user_id, n.idempotency_key)
+                    if key in notes:
+                        outcome.duplicates += 1
+                    else:
+                        notes[key] = n
+                        origin[n.id] = msg
         outcome.invalid = len(dead)
         return list(notes.values()), dead, origin
 
@@ -265,6 +278,8 @@ class IngestHandler:
         m.labels("invalid").inc(o.invalid)
         m.labels("rate_limited").inc(o.rate_limited)
         m.labels("hidden").inc(o.hidden)
+        if o.content_keys:
+            metrics.INGEST_CONTENT_KEYS.inc(o.content_keys)
         for rec in dead:
             metrics.DLQ_RECORDS.labels("events", rec.reason or "").inc()
         for channel, n in o.by_channel.items():
@@ -282,6 +297,7 @@ class IngestHandler:
             "immediate",
             "digest",
             "republished",
+            "content_keys",
         ):
             setattr(t, name, getattr(t, name) + getattr(o, name))
         for channel, n in o.by_channel.items():

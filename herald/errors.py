@@ -59,3 +59,21 @@ class TooLarge(InvalidEvent):
 
 class ConfigError(PermanentError):
     """Settings or a file they name cannot be used."""
+
+
+class Unmapped(InvalidEvent):
+    """Neither a native envelope nor a CloudEvent, and no mapping rule matched."""
+
+    reason = "unmapped"
+
+
+class MappingFailed(InvalidEvent):
+    """A rule matched but could not map the record (a missing field, a value not in a lookup)."""
+
+    reason = "mapping"
+
+
+class NoRecipients(InvalidEvent):
+    """A rule matched and mapped the record, but every recipient list was empty."""
+
+    reason = "no_recipients"

@@ -19,6 +19,10 @@ RECORDS_PUBLISHED = Counter(
     "Records acknowledged by the broker, by topic kind (delivery, digest, dlq).",
     ["kind", "channel"],
 )
+INGEST_CONTENT_KEYS = Counter(
+    "herald_ingest_content_keys",
+    "Mapped records with no id at all, deduplicated by the SHA-256 of their value.",
+)
 DLQ_RECORDS = Counter(
     "herald_dlq_records",
     "Records sent to a dead-letter topic, by reason.",

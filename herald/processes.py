@@ -7,8 +7,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from config.settings import Settings
+from consumers.decode import Decoder
 from consumers.ingest import IngestHandler
 from consumers.loop import BatchLoop, RunStats, Stopper
+from consumers.rules import RuleSet
 from herald.http import Health, serve
 from producers.publisher import KafkaPublisher
 from producers.topics import Topics, ensure_topics
@@ -17,6 +19,14 @@ from storage.db import Database
 log = logging.getLogger(__name__)
 
 INGEST_GROUP = "herald-ingest"
+
+
+def build_decoder(settings: Settings) -> Decoder:
+    """Native, CloudEvents, and the rules file's rules when one is set (validated now)."""
+    rules = RuleSet.load(settings.rules_file) if settings.rules_file is not None else None
+    if rules is not None:
+        log.info("mapping rules: %d from %s", len(rules), rules.origin)
+    return Decoder(max_bytes=settings.max_event_bytes, rules=rules)
 
 
 @dataclass
@@ -35,6 +45,7 @@ def run_ingest(
     idle_timeout: float | None = None,
 ) -> IngestRun:
     """Build and run the ingest consumer until stopped (or a bound is reached)."""
+    decoder = build_decoder(settings)  # an invalid rules file stops here, before any connection
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.ingest_topics())
     health = Health()
@@ -47,7 +58,7 @@ def run_ingest(
         stack.callback(db.close)
         publisher = KafkaPublisher(settings)
         stack.callback(publisher.close)
-        handler = IngestHandler(settings, db, publisher, topics)
+        handler = IngestHandler(settings, db, publisher, topics, decoder)
         loop = BatchLoop(
             settings,
             name="ingest",
