@@ -7,13 +7,16 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from config.settings import CHANNELS, Settings, load_settings
 from herald import __version__
 from herald.errors import ConfigError, HeraldError
+
+if TYPE_CHECKING:
+    from consumers.rules import RuleSet
 
 log = logging.getLogger("herald")
 
@@ -162,6 +165,83 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
+    """Check a rules file, or show what a sample becomes; no broker, no database."""
+    from consumers.rules import RuleSet
+
+    rules = RuleSet.load(args.file)
+    if args.rules_command == "check":
+        names = ", ".join(r.name for r in rules.rules)
+        print(f"{rules.origin}: {len(rules)} rule(s) OK: {names}")
+        return 0
+    from producers.topics import Topics
+
+    topic = args.topic or Topics(settings.topic_prefix).events
+    headers = [_header(h) for h in args.header]
+    value = sys.stdin.buffer.read() if args.sample == "-" else _read_sample(args.sample)
+    result = rules_test(rules, value, headers, topic, settings)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 1 if "rejected" in result else 0
+
+
+def rules_test(
+    rules: RuleSet, value: bytes, headers: list[tuple[str, bytes]], topic: str, settings: Settings
+) -> dict[str, Any]:
+    """The notifications a record would become, or why it would be dead-lettered (pure)."""
+    from consumers.decode import Decoder
+    from consumers.envelope import expand
+    from herald.errors import InvalidEvent
+
+    decoder = Decoder(max_bytes=settings.max_event_bytes, rules=rules)
+    try:
+        decoded = decoder(value, headers, topic)
+    except InvalidEvent as exc:
+        return {"rejected": {"reason": exc.reason, "message": exc.message}}
+    notes = [
+        n
+        for env in decoded.envelopes
+        for n in expand(
+            env, default_source=topic, record_time=None, summary_chars=settings.policy.summary_chars
+        )
+    ]
+    return {
+        "via": decoded.via,
+        "content_key": decoded.content_keyed,
+        "notifications": [
+            {
+                "user_id": n.user_id,
+                "type": n.type,
+                "source": n.source,
+                "severity": n.severity,
+                "title": n.title,
+                "summary": n.summary,
+                "category": n.category,
+                "target_url": n.target_url,
+                "batch_key": n.batch_key,
+                "idempotency_key": n.idempotency_key,
+                "occurred_at": n.occurred_at.isoformat(),
+                "id": str(n.id),
+            }
+            for n in notes
+        ],
+    }
+
+
+def _header(text: str) -> tuple[str, bytes]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"--header wants NAME=VALUE, got {text!r}")
+    return name, value.encode()
+
+
+def _read_sample(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read sample {path}: {exc.strerror or exc}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="herald",
@@ -215,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     el = esub.add_parser("list", help="list a user's endpoints")
     el.add_argument("user")
     s.set_defaults(func=cmd_endpoints)
+
+    s = sub.add_parser("rules", help="check mapping rules, or try them on a sample (no broker or database)")
+    rsub = s.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rc = rsub.add_parser("check", help="validate a rules file (or folder of *.toml)")
+    rc.add_argument("file")
+    rt = rsub.add_parser(
+        "test", help="print the notifications a sample record becomes, or why it is rejected"
+    )
+    rt.add_argument("file", help="rules file or folder")
+    rt.add_argument("sample", help="the record value, a JSON file (- for stdin)")
+    rt.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="a Kafka header (repeatable)"
+    )
+    rt.add_argument("--topic", help="the topic it arrived on (default: <prefix>.events)")
+    s.set_defaults(func=cmd_rules)
 
     s = sub.add_parser("demo", help="send sample events to a running stack and report what happened")
     s.set_defaults(func=cmd_demo)
