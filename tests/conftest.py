@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pytest
 from config.settings import Settings
 from herald.embedded import EmbeddedBroker, EmbeddedPostgres
 from storage.migrate import migrate
+from tests.helpers import make_settings
 
 TABLES = "notifications, deliveries, notification_preferences, channel_endpoints, digest_windows, rate_limits"
 
@@ -94,17 +94,7 @@ def backend() -> Iterator[Backend]:
 @pytest.fixture
 def settings(backend: Backend) -> Settings:
     """Fresh topic prefix per test; short timers so the suite stays fast."""
-    return Settings(
-        kafka_bootstrap=backend.bootstrap,
-        database_url=backend.database_url,
-        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
-        topic_partitions=2,
-        session_timeout_ms=2000,
-        batch_time_ms=100,
-        metrics_port=-1,
-        db_backoff_min_ms=100,
-        db_backoff_max_ms=1000,
-    )
+    return make_settings(backend.bootstrap, backend.database_url)
 
 
 @pytest.fixture

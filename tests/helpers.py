@@ -17,6 +17,23 @@ from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
 
 
+def make_settings(bootstrap: str, database_url: str, **overrides: Any) -> Settings:
+    """Fresh topic prefix; short timers so the suite stays fast."""
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "database_url": database_url,
+        "topic_prefix": f"t{uuid.uuid4().hex[:10]}",
+        "topic_partitions": 2,
+        "session_timeout_ms": 2000,
+        "batch_time_ms": 100,
+        "metrics_port": -1,
+        "db_backoff_min_ms": 100,
+        "db_backoff_max_ms": 1000,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
 def event(**fields: Any) -> dict[str, Any]:
     """A valid native envelope; fields override the defaults."""
     base: dict[str, Any] = {

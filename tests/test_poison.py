@@ -30,7 +30,7 @@ from herald.inspect import Record, committed, read_topic
 from herald.processes import IngestRun
 from producers.publisher import KafkaPublisher, OutRecord
 from producers.topics import Topics, ensure_topics
-from tests.helpers import event, ingest
+from tests.helpers import event, ingest, make_settings
 
 if TYPE_CHECKING:
     from tests.conftest import Backend
@@ -92,15 +92,9 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def outcome(backend: Backend) -> Iterator[Outcome]:
-    settings = Settings(
-        kafka_bootstrap=backend.bootstrap,
-        database_url=backend.database_url,
-        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
-        topic_partitions=2,
-        session_timeout_ms=2000,
-        batch_time_ms=100,
-        metrics_port=-1,
-    ).model_copy(update={"max_event_bytes": MAX_BYTES})
+    settings = make_settings(backend.bootstrap, backend.database_url).model_copy(
+        update={"max_event_bytes": MAX_BYTES}
+    )
     topics = Topics(settings.topic_prefix)
     user = f"poison-{uuid.uuid4().hex[:8]}"
     # good, poison, good, poison, ..., good: each poison record is followed by a good one

@@ -25,7 +25,7 @@ from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
 from storage.db import Database
 from storage.preferences import set_preferences
-from tests.helpers import event, ingest
+from tests.helpers import event, ingest, make_settings
 
 if TYPE_CHECKING:
     from tests.conftest import Backend
@@ -100,15 +100,7 @@ def produce_keyed(settings: Settings, records: list[tuple[str, dict[str, Any]]])
 
 @pytest.fixture(scope="module")
 def world(backend: Backend) -> Iterator[World]:
-    settings = Settings(
-        kafka_bootstrap=backend.bootstrap,
-        database_url=backend.database_url,
-        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
-        topic_partitions=2,
-        session_timeout_ms=2000,
-        batch_time_ms=100,
-        metrics_port=-1,
-    )
+    settings = make_settings(backend.bootstrap, backend.database_url)
     tag = uuid.uuid4().hex[:6]
     users = {
         name: f"{name}-{tag}"
