@@ -26,6 +26,8 @@ import json
 import os
 import platform
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from config.settings import Settings
@@ -163,7 +166,9 @@ def progress(line: str) -> None:
 # -- entry point ------------------------------------------------------------------------------
 
 
-def run_ingest_bench(settings: Settings, *, events: int, baseline_sample: int, users: int) -> int:
+def run_ingest_bench(
+    settings: Settings, *, events: int, baseline_sample: int, users: int, processes: int = 1
+) -> int:
     """Run the whole benchmark; returns the process exit code."""
     if events < 1 or users < 1 or baseline_sample < 10_000:
         raise ConfigError("need --events >= 1, --users >= 1 and --baseline-sample >= 10000")
@@ -171,7 +176,9 @@ def run_ingest_bench(settings: Settings, *, events: int, baseline_sample: int, u
     with _backends(settings) as (base, where):
         bench = _bench_settings(base, run_id)
         print(f"herald bench ingest: run {run_id}, {where}", flush=True)
-        return _run(bench, run_id, events=events, baseline_sample=baseline_sample, users=users)
+        return _run(
+            bench, run_id, events=events, baseline_sample=baseline_sample, users=users, processes=processes
+        )
 
 
 @contextmanager
@@ -211,7 +218,9 @@ def _bench_settings(settings: Settings, run_id: str) -> Settings:
     )
 
 
-def _run(settings: Settings, run_id: str, *, events: int, baseline_sample: int, users: int) -> int:
+def _run(
+    settings: Settings, run_id: str, *, events: int, baseline_sample: int, users: int, processes: int = 1
+) -> int:
     url = settings.database_url.get_secret_value()
     migrate(url)
     with connect(url, autocommit=True) as conn:
@@ -240,17 +249,27 @@ def _run(settings: Settings, run_id: str, *, events: int, baseline_sample: int, 
 
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.ingest_topics())
-    positions = produce(settings, topics.events, work)
-    ingest = measure_ingest(settings, f"bench-ingest-{run_id}", positions, events)
-    rate = events / ingest.seconds
-    t = ingest.totals
-    say(
-        f"ingest: {events:,} records in {ingest.seconds:.2f} s = {rate:,.0f} events/s "
-        f"(batch_size {settings.batch_size}, {settings.topic_partitions} partitions, group join "
-        f"{ingest.join_seconds:.1f} s excluded; inserted {t.inserted:,}, duplicates {t.duplicates:,}, "
-        f"invalid {t.invalid:,}, immediate {t.immediate:,}, digest {t.digest:,}, "
-        f"rate-limited {t.rate_limited:,})"
-    )
+    if processes > 1:
+        seconds = measure_ingest_processes(settings, f"bench-ingest-{run_id}", topics.events, work, processes)
+        rate = events / seconds
+        inserted = work.distinct  # checked against the database by verify() below
+        say(
+            f"ingest: {events:,} records in {seconds:.2f} s = {rate:,.0f} events/s with {processes} "
+            f"`herald ingest` processes (from the first record produced to the last offset committed)"
+        )
+    else:
+        positions = produce(settings, topics.events, work)
+        ingest = measure_ingest(settings, f"bench-ingest-{run_id}", positions, events)
+        seconds, rate = ingest.seconds, events / ingest.seconds
+        t = ingest.totals
+        inserted = t.inserted
+        say(
+            f"ingest: {events:,} records in {ingest.seconds:.2f} s = {rate:,.0f} events/s "
+            f"(batch_size {settings.batch_size}, {settings.topic_partitions} partitions, group join "
+            f"{ingest.join_seconds:.1f} s excluded; inserted {t.inserted:,}, duplicates {t.duplicates:,}, "
+            f"invalid {t.invalid:,}, immediate {t.immediate:,}, digest {t.digest:,}, "
+            f"rate-limited {t.rate_limited:,})"
+        )
 
     with connect(url) as conn:
         baseline = run_baseline(conn, settings, sample)
@@ -281,8 +300,9 @@ def _run(settings: Settings, run_id: str, *, events: int, baseline_sample: int, 
         "machine": machine,
         "batch_size": settings.batch_size,
         "partitions": settings.topic_partitions,
-        "inserted": t.inserted,
-        "seconds": round(ingest.seconds, 3),
+        "processes": processes,
+        "inserted": inserted,
+        "seconds": round(seconds, 3),
         "baseline_events": baseline.events,
         "baseline_seconds": round(baseline.seconds, 3),
         "baseline_commit_ms": round(1000 * baseline.commit_seconds / baseline.events, 3),
@@ -490,6 +510,68 @@ def measure_ingest(
     # producer): collect them now, or the producer outlives the broker and logs reconnects.
     gc.collect()
     return IngestResult(events, end - first, first - launched, totals)
+
+
+def measure_ingest_processes(
+    settings: Settings, group: str, topic: str, work: Workload, processes: int
+) -> float:
+    """Scale-out: N ``herald ingest`` processes in one group, joined before the first record.
+
+    Timed from the first record produced to the last offset committed, so production
+    (which overlaps consumption) is inside the measurement.
+    """
+    env = {
+        **os.environ,
+        "HERALD_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "HERALD_DATABASE_URL": settings.database_url.get_secret_value(),
+        "HERALD_TOPIC_PREFIX": settings.topic_prefix,
+        "HERALD_TOPIC_PARTITIONS": str(settings.topic_partitions),
+        "HERALD_BATCH_SIZE": str(settings.batch_size),
+        "HERALD_SESSION_TIMEOUT_MS": str(settings.session_timeout_ms),
+        "HERALD_METRICS_PORT": "-1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "herald.cli", "--log-level", "WARNING", "ingest", "--group", group],
+            env=env,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        _wait_group_stable(settings, group, settings.session_timeout_ms / 1000 + 30)
+        started = time.perf_counter()
+        positions = produce(settings, topic, work)
+        watch = _CommitWatch(settings, group, positions)
+        try:
+            deadline = started + 120 + len(work.records) / 1000
+            while not watch.done():
+                if any(p.poll() is not None for p in procs):
+                    raise BenchError("an ingest process exited before the group committed the last offset")
+                if time.perf_counter() > deadline:
+                    raise BenchError("ingest processes did not commit every record in time")
+                time.sleep(0.05)
+            return time.perf_counter() - started
+        finally:
+            watch.close()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)
+
+
+def _wait_group_stable(settings: Settings, group: str, timeout: float) -> None:
+    """Until the group is STABLE, plus one join window for members that came late."""
+    admin = AdminClient(settings.kafka_client_config())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        if desc.state == ConsumerGroupState.STABLE:
+            time.sleep(settings.session_timeout_ms / 1000)
+            progress(f"ingest: group {group} is stable")
+            return
+        time.sleep(0.5)
+    raise BenchError(f"group {group} did not become stable in {timeout:.0f} s")
 
 
 def _follow(

@@ -161,7 +161,11 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from herald.bench import run_ingest_bench
 
     return run_ingest_bench(
-        settings, events=args.events, baseline_sample=args.baseline_sample, users=args.users
+        settings,
+        events=args.events,
+        baseline_sample=args.baseline_sample,
+        users=args.users,
+        processes=args.processes,
     )
 
 
@@ -322,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--events", type=int, default=200_000)
     bi.add_argument("--baseline-sample", type=int, default=10_000)
     bi.add_argument("--users", type=int, default=5_000)
+    bi.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N `herald ingest` processes in one group (default 1: in-process, group join excluded)",
+    )
     s.set_defaults(func=cmd_bench)
     return p
 

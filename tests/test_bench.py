@@ -1,0 +1,54 @@
+"""`herald bench ingest` runs end to end on an existing stack and reports its JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import Backend
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bench_reports_verified_figures(backend: Backend, processes: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env |= {
+        "HERALD_KAFKA_BOOTSTRAP": backend.bootstrap,
+        "HERALD_DATABASE_URL": backend.database_url,
+        "HERALD_SESSION_TIMEOUT_MS": "2000",
+    }
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "herald.cli",
+            "bench",
+            "ingest",
+            "--events",
+            "3000",
+            "--users",
+            "300",
+            "--processes",
+            str(processes),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"events", "duplicates", "events_per_s", "baseline_events_per_s", "ratio"} <= set(result)
+    assert result["events"] == 3000
+    assert result["duplicates"] == 300
+    assert result["verified"] is True
+    assert result["processes"] == processes
+    assert result["postgres"]["fsync"] == "on" and result["postgres"]["synchronous_commit"] == "on"
+    assert result["ratio"] == pytest.approx(
+        result["events_per_s"] / result["baseline_events_per_s"], rel=0.01
+    )
