@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
@@ -15,6 +19,26 @@ from herald.inspect import wait_committed
 from herald.processes import IngestRun, run_ingest
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def herald_cli(
+    *args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``herald ARGS`` as an operator would, with only the given HERALD_* settings."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    base.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "herald.cli", *args],
+        cwd=ROOT,
+        env=base,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def make_settings(bootstrap: str, database_url: str, **overrides: Any) -> Settings:

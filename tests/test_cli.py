@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.helpers import herald_cli
 
 if TYPE_CHECKING:
     from tests.conftest import Backend
@@ -21,17 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def herald(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env["HERALD_DATABASE_URL"] = backend.database_url
-    env["HERALD_KAFKA_BOOTSTRAP"] = backend.bootstrap
-    return subprocess.run(
-        [sys.executable, "-m", "herald.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    return herald_cli(
+        *args, env={"HERALD_DATABASE_URL": backend.database_url, "HERALD_KAFKA_BOOTSTRAP": backend.bootstrap}
     )
 
 
@@ -175,16 +166,8 @@ def test_bad_email_or_webhook_endpoint_exits_2(
 
 
 def test_unreachable_database_exits_1_with_a_message(backend: Backend) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env["HERALD_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
-    out = subprocess.run(
-        [sys.executable, "-m", "herald.cli", "prefs", "show", "u"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    out = herald_cli(
+        "prefs", "show", "u", env={"HERALD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     )
     assert out.returncode == 1
     assert "cannot connect to PostgreSQL" in out.stderr

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import herald_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "tests" / "samples"
@@ -16,21 +16,12 @@ SHIPPED = ROOT / "config" / "rules"
 def herald(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
     # Nothing listens here: these commands must not need a broker or a database.
-    base["HERALD_KAFKA_BOOTSTRAP"] = "127.0.0.1:9"
-    base["HERALD_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:9/none"
-    base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "herald.cli", *args],
-        cwd=ROOT,
-        env=base,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    nowhere = {
+        "HERALD_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+        "HERALD_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
+    }
+    return herald_cli(*args, env={**nowhere, **(env or {})}, stdin=stdin)
 
 
 def github_header_args() -> list[str]:
