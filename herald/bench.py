@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import SecretStr
 
 from config.settings import Settings
@@ -54,6 +53,7 @@ from consumers.policy import Preferences
 from herald import metrics
 from herald.embedded import EmbeddedStack
 from herald.errors import ConfigError, HeraldError
+from herald.inspect import wait_group_stable
 from herald.processes import IngestRun, run_ingest
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
@@ -562,16 +562,12 @@ def measure_ingest_processes(
 
 def _wait_group_stable(settings: Settings, group: str, timeout: float) -> None:
     """Until the group is STABLE, plus one join window for members that came late."""
-    admin = AdminClient(settings.kafka_client_config())
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
-        if desc.state == ConsumerGroupState.STABLE:
-            time.sleep(settings.session_timeout_ms / 1000)
-            progress(f"ingest: group {group} is stable")
-            return
-        time.sleep(0.5)
-    raise BenchError(f"group {group} did not become stable in {timeout:.0f} s")
+    try:
+        wait_group_stable(settings, group, timeout)
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from exc
+    time.sleep(settings.session_timeout_ms / 1000)
+    progress(f"ingest: group {group} is stable")
 
 
 def _follow(

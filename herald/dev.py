@@ -22,6 +22,8 @@ from pydantic import SecretStr
 from config.settings import Settings
 from consumers.loop import Stopper
 from herald.embedded import EmbeddedStack, free_port
+from herald.inspect import wait_group_stable
+from herald.processes import INGEST_GROUP
 from producers.topics import Topics, ensure_topics
 from storage.migrate import migrate
 
@@ -112,6 +114,8 @@ def run_dev(
         for child in reversed(children):
             stack.callback(child.stop)
         _wait_healthy(children)
+        # Ready means consuming: the ingest group has joined and owns its partitions.
+        wait_group_stable(dev, INGEST_GROUP, timeout=dev.session_timeout_ms / 1000 + 60)
         env_file.write_text(dev_env_lines(dev))
         stack.callback(env_file.unlink, missing_ok=True)
         _print_ready(dev, env_file, children, topics)

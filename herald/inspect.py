@@ -7,7 +7,16 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupState,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 from config.settings import Settings
 from herald.errors import BrokerUnavailable
@@ -111,3 +120,22 @@ def _headers(m: Message) -> dict[str, bytes]:
     for k, v in pairs:
         out[k] = v.encode() if isinstance(v, str) else (v or b"")
     return out
+
+
+def wait_group_stable(settings: Settings, group: str, timeout: float = 60.0) -> None:
+    """Until ``group`` is STABLE: its members joined and own their partitions.
+
+    Decided from the group state alone: the embedded broker reports no member list.
+    """
+    admin = AdminClient(settings.kafka_client_config())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            if desc.state == ConsumerGroupState.STABLE:
+                return
+        except KafkaException:
+            pass  # the group does not exist yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"group {group} did not become stable in {timeout:.0f}s")
+        time.sleep(0.2)
