@@ -34,8 +34,15 @@ def translate_errors() -> Iterator[None]:
         yield
     except psycopg.Error as exc:
         if is_retryable(exc):
-            raise DatabaseUnavailable(f"PostgreSQL: {exc.__class__.__name__}: {exc}") from exc
-        raise HeraldError(f"PostgreSQL: {exc.__class__.__name__}: {exc}") from exc
+            raise DatabaseUnavailable(f"PostgreSQL: {describe(exc)}") from exc
+        raise HeraldError(f"PostgreSQL: {describe(exc)}") from exc
+
+
+def describe(exc: psycopg.Error) -> str:
+    """The error without its DETAIL: "Failing row contains (...)" would put a payload in a log."""
+    primary = exc.diag.message_primary or str(exc).split("\n", 1)[0]
+    state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+    return f"{exc.__class__.__name__}{state}: {primary}"
 
 
 class Database:

@@ -53,3 +53,16 @@ def test_nul_characters_are_a_schema_violation(
     assert [decode_headers(d.headers)["herald-dlt-reason"] for d in dead] == ["schema"]
     count = db.execute("SELECT count(*) FROM notifications").fetchone()
     assert count is not None and count[0] == 1
+
+
+def test_refusals_never_carry_the_row(
+    settings: Settings, db: psycopg.Connection[tuple[object, ...]], refuse_evil: None
+) -> None:
+    """PostgreSQL's DETAIL repeats the failing row; it must not reach logs or headers."""
+    positions = produce(settings, [event(title="evil", body="secret body 4242")])
+    ingest(settings, positions)
+    dead = read_topic(settings, Topics(settings.topic_prefix).events_dlq)
+    message = str(decode_headers(dead[0].headers)["kafka_dlt-exception-message"])
+    assert "test_refuse_evil" in message
+    assert "secret body" not in message
+    assert "Failing row" not in message
