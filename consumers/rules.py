@@ -112,6 +112,8 @@ class Lookup(_Strict):
 class Emit(_Strict):
     name: str = "default"
     to: str | None = None
+    # A field naming who is never told (one user or a list): the actor, usually.
+    exclude: str | None = None
     title: str
     summary: str | None = None
     body: str | None = None
@@ -188,6 +190,7 @@ class Rule(_Strict):
         for e in self.emit:
             where = f"emit {e.name!r}: "
             self._known(where + "to", e.to)
+            self._known(where + "exclude", e.exclude)
             for key in TEMPLATE_KEYS:
                 self._template(where + key, getattr(e, key))
             for key in ("severity", "batch_key"):
@@ -355,12 +358,15 @@ class CompiledRule:
             audience = rec.event.subject
         if audience is None:
             raise MappingFailed(f"rule {self.name!r}, emit {e.name!r}: no recipient (set to = <field>)")
+        users = audience if isinstance(audience, list) else [audience]
+        excluded = _excluded(values.get(e.name, e.exclude)) if e.exclude else set()
+        recipients = [u for u in dict.fromkeys(_text(a) for a in users) if u not in excluded]
+        if not recipients:
+            return None
         if isinstance(audience, list):
-            if not audience:
-                return None
-            env["recipients"] = list(dict.fromkeys(_text(a) for a in audience))
+            env["recipients"] = recipients
         else:
-            env["user_id"] = _text(audience)
+            env["user_id"] = recipients[0]
         env["type"] = self._first(values, (e.name, "type"), ("", "type")) or self._default_type(rec, e)
         source = self._first(values, (e.name, "source"), ("", "source"))
         if source is None and rec.event is not None:
@@ -410,6 +416,12 @@ class CompiledRule:
 
     def template(self, emit: str, key: str) -> Template | None:
         return self._templates.get((emit, key))
+
+
+def _excluded(value: Any) -> set[str]:
+    if value is None:
+        return set()
+    return {_text(v) for v in value} if isinstance(value, list) else {_text(value)}
 
 
 class _Values:

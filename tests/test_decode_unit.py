@@ -247,6 +247,19 @@ def test_github_comment_without_mentions_makes_one_notification() -> None:
     assert [e.user_id for e in out.envelopes] == ["octocat"]
 
 
+def test_github_never_tells_the_commenter_about_their_own_comment() -> None:
+    value = json.loads((SAMPLES / "github_issue_comment.json").read_bytes())
+    value["comment"]["user"]["login"] = "octocat"  # the issue's author comments
+    value["comment"]["body"] = "Me again, @octocat here. @defunkt?"
+    out = shipped()(js(value), github_headers(), TOPIC)
+    assert [(e.type, e.user_id, e.recipients) for e in out.envelopes] == [
+        ("github.mention", None, ["defunkt"])
+    ]
+    value["comment"]["body"] = "Only me, @octocat."
+    with pytest.raises(NoRecipients):
+        shipped()(js(value), github_headers(), TOPIC)
+
+
 def test_job_failed_has_no_id_so_the_value_hash_is_the_key() -> None:
     value = (SAMPLES / "job_failed.json").read_bytes()
     out = shipped()(value, None, TOPIC)
