@@ -42,6 +42,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consumers.cloudevents import CloudEvent
@@ -65,6 +66,9 @@ TEMPLATE_KEYS = (
 CE_ATTRS = ("id", "source", "type", "time", "subject")
 
 Patterns = str | list[str]
+
+
+_SUFFIXES = (".toml", ".yaml", ".yml")  # rules files, in a folder
 
 
 class _Strict(BaseModel):
@@ -485,15 +489,17 @@ class RuleSet:
 
     @classmethod
     def load(cls, path: str | Path) -> RuleSet:
-        """Read and validate a rules file (or every ``*.toml`` in a folder, in name order).
+        """Read and validate a rules file (or every rules file in a folder, in name order).
+
+        TOML (``*.toml``) or YAML (``*.yaml``, ``*.yml``): the same structure either way.
 
         ``ConfigError`` names the file, the rule and the field.
         """
         p = Path(path)
         if p.is_dir():
-            files = sorted(p.glob("*.toml"))
+            files = sorted(f for f in p.iterdir() if f.suffix in _SUFFIXES)
             if not files:
-                raise ConfigError(f"rules folder {p}: no *.toml files in it")
+                raise ConfigError(f"rules folder {p}: no *.toml, *.yaml or *.yml files in it")
             rules = [r for f in files for r in cls._load_file(f).rules]
             names = [r.name for r in rules]
             dupes = sorted({n for n in names if names.count(n) > 1})
@@ -508,12 +514,16 @@ class RuleSet:
 
     @classmethod
     def _load_file(cls, p: Path) -> RuleSet:
+        yaml_file = p.suffix in (".yaml", ".yml")
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) if yaml_file else tomllib.loads(text)
         except OSError as exc:
             raise ConfigError(f"rules file {p}: cannot read it: {exc.strerror or exc}") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"rules file {p}: not valid TOML: {exc}") from exc
+        except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"rules file {p}: not valid {'YAML' if yaml_file else 'TOML'}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"rules file {p}: expected a mapping with a 'rule' list at the top")
         return cls.from_data(data, str(p))
 
     @classmethod

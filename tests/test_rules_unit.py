@@ -89,3 +89,53 @@ def test_a_folder_refuses_the_same_rule_name_twice(tmp_path: Path) -> None:
     (tmp_path / "b.toml").write_text(GOOD)
     with pytest.raises(ConfigError, match="repeated: ok"):
         RuleSet.load(tmp_path)
+
+
+STRIPE_YAML = """
+rule:
+  - name: stripe-invoice-payment-failed
+    match: {type: invoice.payment_failed, fields: {object: event}}
+    id: event_id
+    occurred_at: created
+    source: stripe
+    fields:
+      event_id: id
+      created: created
+      recipient: data.object.customer
+      invoice: data.object.id
+      number: {path: data.object.number, default: "(draft)"}
+      url: data.object.hosted_invoice_url
+    emit:
+      - to: recipient
+        severity: critical
+        category: billing
+        title: "Payment failed for invoice ${number}"
+        summary: >-
+          We could not collect the payment for invoice ${number}.
+          Update your payment method to keep your plan.
+        resource_id: "${invoice}"
+        target_url: "${url}"
+"""
+
+
+def test_yaml_rules_map_exactly_like_their_toml_twin(tmp_path: Path) -> None:
+    from consumers.decode import Decoder
+
+    (tmp_path / "stripe.yaml").write_text(STRIPE_YAML)
+    sample = (SHIPPED.parent.parent / "tests" / "samples" / "stripe_invoice_payment_failed.json").read_bytes()
+    from_yaml = Decoder(max_bytes=1 << 20, rules=RuleSet.load(tmp_path / "stripe.yaml"))
+    from_toml = Decoder(max_bytes=1 << 20, rules=RuleSet.load(SHIPPED / "stripe.toml"))
+    got = from_yaml(sample, None, "herald.events").envelopes
+    assert got and got == from_toml(sample, None, "herald.events").envelopes
+    assert RuleSet.load(tmp_path).rules[0].name == "stripe-invoice-payment-failed"  # a folder of YAML
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("rule:\n  - name: x\n    match: {type: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"rules file .*bad.yml: not valid YAML"):
+        RuleSet.load(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        RuleSet.load(scalar)
