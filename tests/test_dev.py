@@ -41,8 +41,13 @@ def dev_stack() -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
         yield proc, folder, log
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # SIGTERM first: herald dev stops its processes, the broker and PostgreSQL.
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
         log.unlink(missing_ok=True)
 
