@@ -22,7 +22,8 @@ ENV PATH="/opt/venv/bin:${PATH}"
 
 WORKDIR /src
 COPY . .
-# Not editable: a regular install, so the packages (herald, config, consumers,
+# Not editable: a regular install (no [embedded] extra: no broker or database
+# server wheels in the image), so the packages (herald, config, core, consumers,
 # producers, storage) and any package data such as storage/migrations live in
 # site-packages and the source tree can be dropped.
 RUN pip install --upgrade pip \

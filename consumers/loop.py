@@ -35,9 +35,9 @@ from typing import Any, Protocol, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from config.settings import Settings
-from herald import metrics
-from herald.errors import AssignmentLost, DatabaseUnavailable, RetryableError
-from herald.http import Health
+from core import metrics
+from core.errors import AssignmentLost, DatabaseUnavailable, RetryableError
+from core.http import Health
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class BatchLoop:
         self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
         self._group = group
         self._next_lag_report = 0.0
+        self._metrics = metrics.loop()
 
     def run(
         self,
@@ -198,7 +199,7 @@ class BatchLoop:
         try:
             self._commit(flight.batch)
         except AssignmentLost as exc:
-            metrics.ASSIGNMENT_LOST.labels(self._name).inc()
+            self._metrics.assignment_lost.labels(self._name).inc()
             log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
             self._rewind(flight.batch)
             return False
@@ -227,9 +228,9 @@ class BatchLoop:
                 return True
             except RetryableError as exc:
                 counter = (
-                    metrics.DB_UNAVAILABLE
+                    self._metrics.db_unavailable
                     if isinstance(exc, DatabaseUnavailable)
-                    else metrics.BROKER_UNAVAILABLE
+                    else self._metrics.broker_unavailable
                 )
                 counter.labels(self._name).inc()
                 log.warning("%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, backoff)
@@ -277,7 +278,7 @@ class BatchLoop:
             log.debug("%s: lag not measured: %s", self._name, exc)
             return
         for topic, value in lag.items():
-            metrics.CONSUMER_LAG.labels(self._group, topic).set(value)
+            self._metrics.consumer_lag.labels(self._group, topic).set(value)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self._name, _describe(partitions))

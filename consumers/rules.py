@@ -46,9 +46,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consumers.cloudevents import CloudEvent
-from consumers.envelope import Severity, content_key
 from consumers.paths import MISSING, compile_path, resolve
-from herald.errors import ConfigError, MappingFailed, NoRecipients
+from core.envelope import Severity, content_key
+from core.errors import ConfigError, MappingFailed, NoRecipients
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SEVERITIES = ("info", "success", "warning", "critical")

@@ -1,3 +1,9 @@
-"""herald: Kafka events in, notifications out; never lost, never duplicated."""
+"""herald: Kafka events in, notifications out; never lost, never duplicated.
 
-__version__ = "0.1.0"
+This package is the composition root (the CLI, ``herald dev``, the demo, the benchmarks,
+process wiring). Nothing imports it.
+"""
+
+from core import __version__
+
+__all__ = ["__version__"]

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from config.settings import CHANNELS, Settings, load_settings
+from core.errors import ConfigError, HeraldError
 from herald import __version__
-from herald.errors import ConfigError, HeraldError
 
 if TYPE_CHECKING:
     from consumers.rules import RuleSet
@@ -158,7 +158,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from herald.bench import run_ingest_bench
+    from herald.bench.ingest import run_ingest_bench
 
     return run_ingest_bench(
         settings,
@@ -193,8 +193,8 @@ def rules_test(
 ) -> dict[str, Any]:
     """The notifications a record would become, or why it would be dead-lettered (pure)."""
     from consumers.decode import Decoder
-    from consumers.envelope import expand
-    from herald.errors import InvalidEvent
+    from core.envelope import expand
+    from core.errors import InvalidEvent
 
     decoder = Decoder(max_bytes=settings.max_event_bytes, rules=rules)
     try:

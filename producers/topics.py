@@ -10,7 +10,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from config.settings import CHANNELS, Settings
-from herald.errors import BrokerUnavailable
+from core.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import psycopg
 
-from herald.errors import DatabaseUnavailable, HeraldError
+from core.errors import DatabaseUnavailable, HeraldError
 
 # SQLSTATE classes that mean "try again later": connection exceptions, operator
 # intervention (admin shutdown), insufficient resources, and serialization/deadlock.

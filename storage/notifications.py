@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 
-from consumers.envelope import Notification
-from consumers.policy import Decision, RateKey
+from core.envelope import Notification
+from core.policy import Decision, RateKey
 
 Cursor = psycopg.Cursor[tuple[Any, ...]]
 

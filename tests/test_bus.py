@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from config.settings import Settings
 from consumers.dlq import H_MESSAGE, H_REASON, decode_headers
-from herald.errors import ConfigError
+from core.errors import ConfigError
 from herald.inspect import read_topic
 from herald.processes import run_ingest
 from producers.publisher import Position

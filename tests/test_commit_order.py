@@ -21,8 +21,8 @@ from prometheus_client import REGISTRY
 from config.settings import Settings
 from consumers.ingest import IngestHandler
 from consumers.loop import BatchLoop
+from core.errors import BrokerUnavailable, DatabaseUnavailable
 from herald.embedded import free_port
-from herald.errors import BrokerUnavailable, DatabaseUnavailable
 from herald.inspect import read_topic
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics

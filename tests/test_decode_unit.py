@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from consumers.decode import Decoder
-from consumers.envelope import content_key, expand
 from consumers.paths import MISSING, compile_path, resolve
 from consumers.rules import RuleSet
-from herald.errors import InvalidEvent, MappingFailed, NoRecipients, NotAnObject, SchemaViolation, Unmapped
+from core.envelope import content_key, expand
+from core.errors import InvalidEvent, MappingFailed, NoRecipients, NotAnObject, SchemaViolation, Unmapped
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "tests" / "samples"

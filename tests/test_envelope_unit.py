@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consumers.envelope import (
+from core.envelope import (
     NOTIFICATION_NS,
     Envelope,
     content_key,
@@ -19,7 +19,7 @@ from consumers.envelope import (
     idempotency_key,
     parse,
 )
-from herald.errors import InvalidEvent, NotAnObject, NotJson, SchemaViolation, TooLarge
+from core.errors import InvalidEvent, NotAnObject, NotJson, SchemaViolation, TooLarge
 
 RECORD_TIME = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -97,7 +97,7 @@ def test_target_url_must_be_relative_or_https(url: str) -> None:
 
 
 def test_target_url_rejects_paths_browsers_read_as_another_host() -> None:
-    """BUG (consumers/envelope.py, Envelope._relative_or_https): browsers turn ``\\`` into ``/``
+    """BUG (core/envelope.py, Envelope._relative_or_https): browsers turn ``\\`` into ``/``
     and strip tab/newline in URLs, so ``/\\evil.com`` and ``/<TAB>/evil.com`` open evil.com:
     an open redirect in every email and push link. The validator must reject them too."""
     accepted = []
@@ -198,7 +198,7 @@ def test_nul_character_is_a_schema_violation() -> None:
 
 
 def test_escaped_backslash_before_u0000_is_not_a_nul() -> None:
-    """BUG (consumers/envelope.py, parse): the NUL check looks for the bytes ``\\u0000`` anywhere,
+    """BUG (core/envelope.py, parse): the NUL check looks for the bytes ``\\u0000`` anywhere,
     so the JSON text ``"C:\\\\u0000"`` (a backslash, then "u0000": no NUL at all) is dead-lettered.
     Only an odd run of backslashes before ``u0000`` is a NUL escape."""
     value = json.dumps(raw(title="a literal \\u0000 in text")).encode()

@@ -48,22 +48,22 @@ def _value(v: dict[str, Any] | bytes) -> bytes:
 
 # kind -> (value, reason header, exception class, a word the message must contain)
 POISON: dict[str, tuple[bytes | None, str, str, str]] = {
-    "tombstone": (None, "not_json", "herald.errors.NotJson", "no value"),
-    "not_json": (b"{this is not json", "not_json", "herald.errors.NotJson", "JSON"),
-    "list": (b"[1,2]", "not_object", "herald.errors.NotAnObject", "object"),
-    "string": (b'"str"', "not_object", "herald.errors.NotAnObject", "object"),
-    "missing_title": (_value(event(title=None)), "schema", "herald.errors.SchemaViolation", "title"),
-    "bad_severity": (_value(event(severity="fatal")), "schema", "herald.errors.SchemaViolation", "severity"),
+    "tombstone": (None, "not_json", "core.errors.NotJson", "no value"),
+    "not_json": (b"{this is not json", "not_json", "core.errors.NotJson", "JSON"),
+    "list": (b"[1,2]", "not_object", "core.errors.NotAnObject", "object"),
+    "string": (b'"str"', "not_object", "core.errors.NotAnObject", "object"),
+    "missing_title": (_value(event(title=None)), "schema", "core.errors.SchemaViolation", "title"),
+    "bad_severity": (_value(event(severity="fatal")), "schema", "core.errors.SchemaViolation", "severity"),
     "http_target_url": (
         _value(event(target_url="http://x")),
         "schema",
-        "herald.errors.SchemaViolation",
+        "core.errors.SchemaViolation",
         "target_url",
     ),
     "too_large": (
         _value(event(body="x" * (MAX_BYTES + 10))),
         "too_large",
-        "herald.errors.TooLarge",
+        "core.errors.TooLarge",
         str(MAX_BYTES),
     ),
 }

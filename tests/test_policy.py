@@ -18,7 +18,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from config.settings import CHANNELS, Settings
-from consumers.policy import delivery_id
+from core.policy import delivery_id
 from herald.inspect import Record, read_topic
 from herald.processes import IngestRun
 from producers.publisher import KafkaPublisher, OutRecord, Position

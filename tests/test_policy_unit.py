@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from config.settings import CHANNELS, DEFAULT_REDACTIONS, PolicySettings
-from consumers import policy
-from consumers.envelope import Envelope, Notification, expand
-from consumers.policy import (
+from core import policy
+from core.envelope import Envelope, Notification, expand
+from core.policy import (
     DIGEST,
     IMMEDIATE,
     REASON_RATE_LIMITED,

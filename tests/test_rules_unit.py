@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from consumers.rules import RuleSet
-from herald.errors import ConfigError
+from core.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "rules"
 

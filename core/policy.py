@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from config.settings import CHANNELS, PolicySettings
-from consumers.envelope import Notification
+from core.envelope import Notification
 
 DELIVERY_NS = uuid.UUID("0b9d6a3e-71c4-4f25-8e1a-5c3d2b7f9e04")
 

