@@ -41,6 +41,23 @@ DEFAULT_REDACTIONS: tuple[str, ...] = (
 
 DEFAULT_RATE_LIMITS: dict[str, int] = {"email": 5, "push": 20, "webhook": 60}
 
+_COMMITS = "herald commits offsets itself, only after the work is durable"
+_DURABLE = "herald waits for every in-sync replica and relies on the idempotent producer"
+# librdkafka properties the passthrough must not change, and why (aliases included).
+INVARIANT_KAFKA_PROPERTIES: dict[str, str] = {
+    "enable.auto.commit": _COMMITS,
+    "enable.auto.offset.store": _COMMITS,
+    "auto.offset.reset": "a group that joins late must start at the earliest record, never skip any",
+    "acks": _DURABLE,
+    "request.required.acks": _DURABLE,
+    "enable.idempotence": _DURABLE,
+    "group.id": "each herald process names its own consumer group (herald ingest --group)",
+    "bootstrap.servers": "set HERALD_KAFKA_BOOTSTRAP instead",
+    "metadata.broker.list": "set HERALD_KAFKA_BOOTSTRAP instead",
+    "isolation.level": "herald reads committed records only (the default)",
+    "enable.partition.eof": "the batch loop does not expect end-of-partition events",
+}
+
 
 class PolicySettings(BaseModel):
     """Defaults from the seed article: what a user gets before they choose."""
@@ -111,6 +128,18 @@ class Settings(BaseSettings):
     # Backoff while PostgreSQL is unreachable: doubles from min to max.
     db_backoff_min_ms: int = Field(default=250, ge=10)
     db_backoff_max_ms: int = Field(default=10_000, ge=10)
+    # Server-side limits on every herald session, and TCP keepalives (a dead peer is noticed).
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+    db_idle_in_transaction_timeout_ms: int = Field(default=60_000, ge=0)
+    db_keepalives_idle_s: int = Field(default=30, ge=1)
+
+    # The source of events that name none and carry no `herald-source` header: a stable
+    # name, never the physical topic, so a renamed or mirrored topic dedupes the same.
+    default_source: str = Field(default="events", min_length=1, max_length=100)
+    # The outbox relay: delivery rows still unpublished this long after they were written
+    # (a crash, moved offsets, expired retention) are published by a sweeper in `herald ingest`.
+    outbox_relay_after_s: float = Field(default=60.0, gt=0)
+    outbox_relay_every_s: float = Field(default=10.0, gt=0)
 
     metrics_host: str = "127.0.0.1"
     # 0 picks a free port; -1 serves no metrics.
@@ -127,6 +156,18 @@ class Settings(BaseSettings):
     def _dotted_properties(cls, value: Any) -> Any:
         if isinstance(value, dict):
             return {str(k).lower().replace("_", "."): str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("kafka")
+    @classmethod
+    def _no_invariant_overrides(cls, value: dict[str, str]) -> dict[str, str]:
+        """The passthrough is for security and tuning; these properties keep herald's guarantees."""
+        for name in sorted(value):
+            why = INVARIANT_KAFKA_PROPERTIES.get(name)
+            if why is not None:
+                raise ValueError(
+                    f"librdkafka property {name} is herald's own and cannot be overridden: {why}"
+                )
         return value
 
     def kafka_client_config(self) -> dict[str, str | int | float | bool]:

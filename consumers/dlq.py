@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from producers.publisher import Headers, OutRecord
+from producers.publisher import H_VALUE_DROPPED, Headers, OutRecord
 
 H_TOPIC = "kafka_dlt-original-topic"
 H_PARTITION = "kafka_dlt-original-partition"
@@ -17,12 +17,19 @@ H_FQCN = "kafka_dlt-exception-fqcn"
 H_MESSAGE = "kafka_dlt-exception-message"
 # herald's own short, machine-readable reason code (not_json, schema, too_large, ...).
 H_REASON = "herald-dlt-reason"
+# The exception message header is cut to this many bytes (whole UTF-8 characters).
+MESSAGE_LIMIT = 4000
 
-DLT_HEADERS = frozenset({H_TOPIC, H_PARTITION, H_OFFSET, H_TIMESTAMP, H_FQCN, H_MESSAGE, H_REASON})
+DLT_HEADERS = frozenset(
+    {H_TOPIC, H_PARTITION, H_OFFSET, H_TIMESTAMP, H_FQCN, H_MESSAGE, H_REASON, H_VALUE_DROPPED}
+)
 
 
 def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -> OutRecord:
-    """The original key, value and headers, plus where it came from and why it failed."""
+    """The original key, value and headers, plus where it came from and why it failed.
+
+    Timestamped when published; the original time is in ``kafka_dlt-original-timestamp``.
+    """
     kind, ts = msg.timestamp()
     raw = msg.headers() or []
     pairs = raw.items() if isinstance(raw, dict) else raw
@@ -34,7 +41,7 @@ def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -
         (H_OFFSET, struct.pack(">q", msg.offset() or 0)),
         (H_TIMESTAMP, struct.pack(">q", ts if kind != TIMESTAMP_NOT_AVAILABLE else 0)),
         (H_FQCN, f"{cls.__module__}.{cls.__qualname__}".encode()),
-        (H_MESSAGE, str(exc).encode()[:4000]),
+        (H_MESSAGE, utf8_cut(str(exc), MESSAGE_LIMIT)),
         (H_REASON, reason.encode()),
     ]
     return OutRecord(
@@ -42,9 +49,19 @@ def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -
         value=msg.value(),
         key=msg.key(),
         headers=original + added,
-        timestamp_ms=ts if kind != TIMESTAMP_NOT_AVAILABLE else None,
+        # None: the producer stamps it now, so topic retention counts from the failure, not
+        # from the original (a replay of old events would otherwise expire at once).
+        timestamp_ms=None,
         reason=reason,
     )
+
+
+def utf8_cut(text: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of UTF-8, never half a character (JVM readers decode strictly)."""
+    # "replace": a lone surrogate (from JSON's "\\ud800") cannot be encoded as it is.
+    raw = text.encode("utf-8", "replace")[:limit]
+    # The prefix is valid UTF-8 except a possibly cut last character, which "ignore" drops.
+    return raw.decode("utf-8", "ignore").encode()
 
 
 def decode_headers(headers: Mapping[str, bytes]) -> dict[str, object]:

@@ -13,6 +13,10 @@ on PostgreSQL and the broker), the loop polls and prepares batch N+1. Batches ar
 still applied and committed strictly one after another, in order. A rebalance
 drains the batch in flight and commits it before the partitions go.
 
+A fatal broker error (authentication, authorization: retrying cannot fix it)
+fails /healthz and leaves ``run`` with ``FatalBrokerError``; the batch in flight
+stays uncommitted.
+
 A retryable failure in step 2 (PostgreSQL down, broker slow) keeps the batch in
 hand and retries it with doubling backoff: no offset moves and nothing goes to a
 dead-letter topic. A failed commit in step 3 (the group rebalanced under us)
@@ -23,6 +27,7 @@ partitions next processes it again, which the handlers make idempotent.
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -36,8 +41,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from config.settings import Settings
 from core import metrics
-from core.errors import AssignmentLost, DatabaseUnavailable, RetryableError
+from core.errors import (
+    AssignmentLost,
+    DatabaseUnavailable,
+    EnvironmentProblem,
+    FatalBrokerError,
+    RetryableError,
+)
 from core.http import Health
+from producers.publisher import KAFKA_LOG
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +158,10 @@ class BatchLoop:
         self._deadline: float | None = None
         self.stopper = stopper or Stopper()
         self.health = health or Health()
-        self._consumer = Consumer(consumer_config(settings, group, **(consumer_extra or {})))
+        self._fatal: FatalBrokerError | None = None
+        conf = consumer_config(settings, group, **(consumer_extra or {}))
+        # error_cb: librdkafka's client-wide errors (authentication) never reach consume().
+        self._consumer = Consumer(conf, error_cb=self._on_client_error, logger=KAFKA_LOG)
         self._group = group
         self._next_lag_report = 0.0
         self._metrics = metrics.loop()
@@ -215,26 +230,48 @@ class BatchLoop:
             err = m.error()
             if err is None:
                 out.append(m)
+            elif is_fatal(err):
+                self._fatal = self._fatal or fatal_error(self._name, err)
             elif err.code() != KafkaError._PARTITION_EOF:
                 log.warning("%s: consumer error: %s", self._name, err)
+        self._stop_if_fatal()
         return out
 
+    def _on_client_error(self, err: KafkaError) -> None:
+        """``error_cb``, called from inside consume(): remember a fatal one for ``_poll``."""
+        if is_fatal(err):
+            self._fatal = self._fatal or fatal_error(self._name, err)
+        else:
+            # librdkafka's own log line (herald.kafka) already says it; it retries by itself.
+            log.debug("%s: client error: %s", self._name, err)
+
+    def _stop_if_fatal(self) -> None:
+        """Retrying cannot help: fail /healthz, stop the worker's retries, leave ``run``."""
+        if self._fatal is None:
+            return
+        self.health.fail(str(self._fatal))
+        self.stopper.set()
+        log.error("%s", self._fatal)
+        raise self._fatal
+
     def _apply(self, batch: list[Message], prepared: Any) -> bool:
-        """Step 2 on the worker, retried in hand while retryable; False if stopped (or out of time)."""
+        """Step 2 on the worker, retried in hand while retryable; False if stopped (or out of time).
+
+        Backoff doubles from ``db_backoff_min_ms`` to ``db_backoff_max_ms``, with equal
+        jitter so that several processes do not retry in step. An environment problem is
+        retried the same way, but as an alarm: an ERROR line saying what to do, and its
+        own counter. Nothing is dead-lettered for it: the records are fine.
+        """
         backoff = self._settings.db_backoff_min_ms / 1000
         while True:
             try:
                 self._handler.apply(prepared)
                 return True
             except RetryableError as exc:
-                counter = (
-                    self._metrics.db_unavailable
-                    if isinstance(exc, DatabaseUnavailable)
-                    else self._metrics.broker_unavailable
-                )
-                counter.labels(self._name).inc()
-                log.warning("%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, backoff)
-                wait = backoff
+                self._count_retry(exc)
+                wait = backoff / 2 + random.uniform(0, backoff / 2)  # noqa: S311 (jitter, not a secret)
+                level = logging.ERROR if isinstance(exc, EnvironmentProblem) else logging.WARNING
+                log.log(level, "%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, wait)
                 if self._deadline is not None:
                     wait = min(wait, max(0.0, self._deadline - time.monotonic()))
                 if self.stopper.event.wait(wait) or (
@@ -243,6 +280,15 @@ class BatchLoop:
                     return False
                 self.health.beat()
                 backoff = min(backoff * 2, self._settings.db_backoff_max_ms / 1000)
+
+    def _count_retry(self, exc: RetryableError) -> None:
+        m = self._metrics
+        if isinstance(exc, EnvironmentProblem):
+            m.environment_errors.labels(self._name, exc.system).inc()
+        elif isinstance(exc, DatabaseUnavailable):
+            m.db_unavailable.labels(self._name).inc()
+        else:
+            m.broker_unavailable.labels(self._name).inc()
 
     def _commit(self, batch: Sequence[Message]) -> None:
         offsets = next_offsets(batch)
@@ -294,6 +340,35 @@ class BatchLoop:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("%s: consumer close: %s", self._name, exc)
+
+
+# Errors no retry can fix: the broker refuses this client's credentials or permissions.
+FATAL_CODES = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
+AUTHENTICATION = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
+
+
+def is_fatal(err: KafkaError) -> bool:
+    """True when the consumer can never work as configured, so the process must stop."""
+    return bool(err.fatal()) or err.code() in FATAL_CODES
+
+
+def fatal_error(name: str, err: KafkaError) -> FatalBrokerError:
+    """One line: what the broker said, and what an operator must change."""
+    if err.code() in AUTHENTICATION:
+        hint = "check the credentials: HERALD_KAFKA__SASL_* or HERALD_KAFKA__SSL_*"
+    elif err.code() in FATAL_CODES:
+        hint = "grant this principal READ on the topics and the consumer group"
+    else:
+        hint = "the client cannot recover: see the herald.kafka log lines before this one"
+    return FatalBrokerError(f"{name}: fatal broker error {err.name()}: {err.str()} ({hint})")
 
 
 def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:

@@ -1,7 +1,16 @@
 """One root exception, split into retryable and permanent.
 
 Adapters translate psycopg, HTTP and Kafka errors at their boundary
-(``raise ... from exc``), so the loops only ever catch these.
+(``raise ... from exc``), so the loops only ever catch these. Three families
+decide what a loop does with a failed batch:
+
+- the record's fault (``RecordRejected``, ``InvalidEvent``): that record goes to a
+  dead-letter topic, its batch mates are stored;
+- a passing outage (``DatabaseUnavailable``, ``BrokerUnavailable``): keep the batch,
+  retry with backoff;
+- the environment is wrong (``EnvironmentProblem``: a missing table, privileges, a
+  read-only server, an unknown topic): keep the batch, retry with an alarm, and say
+  in one line what an operator must do. Never dead-letter: the records are fine.
 """
 
 from __future__ import annotations
@@ -25,6 +34,36 @@ class DatabaseUnavailable(RetryableError):
 
 class BrokerUnavailable(RetryableError):
     """The broker did not acknowledge records in time."""
+
+
+class EnvironmentProblem(RetryableError):
+    """Not the record's fault and not passing by itself: an operator must act (``hint`` says how)."""
+
+    system = "environment"
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(f"{message} ({hint})")
+        self.hint = hint
+
+
+class DatabaseMisconfigured(EnvironmentProblem):
+    """Undefined table or column, missing privileges, read-only after a failover, authentication."""
+
+    system = "database"
+
+
+class BrokerMisconfigured(EnvironmentProblem):
+    """Unknown topic, topic authorization, or a broker limit the records cannot meet."""
+
+    system = "broker"
+
+
+class FatalBrokerError(PermanentError):
+    """The client can never work as configured (authentication, group authorization): stop."""
+
+
+class RecordRejected(PermanentError):
+    """PostgreSQL refused a record's data (data exception, integrity, program limit)."""
 
 
 class AssignmentLost(RetryableError):

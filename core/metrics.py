@@ -24,7 +24,7 @@ class LoopMetrics:
     """The batch loop's, in every consumer process (label ``process``: ingest, deliver-webhook, ...)."""
 
     db_unavailable: Counter
-    db_environment: Counter
+    environment_errors: Counter
     broker_unavailable: Counter
     assignment_lost: Counter
     consumer_lag: Gauge
@@ -38,11 +38,11 @@ def loop() -> LoopMetrics:
             "Batch retries because PostgreSQL was unreachable or busy.",
             ["process"],
         ),
-        db_environment=Counter(
-            "herald_db_environment_errors",
-            "Batch retries because the database is set up wrongly (missing table, privileges, "
-            "read-only, authentication): an operator must act.",
-            ["process"],
+        environment_errors=Counter(
+            "herald_environment_errors",
+            "Batch retries because the database or broker is set up wrongly (missing table, "
+            "privileges, read-only, unknown topic): an operator must act. Label system: database|broker.",
+            ["process", "system"],
         ),
         broker_unavailable=Counter(
             "herald_broker_unavailable",

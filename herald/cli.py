@@ -71,7 +71,7 @@ def cmd_prefs(args: argparse.Namespace, settings: Settings) -> int:
     from storage.db import Database
     from storage.preferences import set_preferences, show_preferences
 
-    db = Database(settings.database_url.get_secret_value())
+    db = Database.from_settings(settings)
     try:
         if args.prefs_command == "set":
             changes: dict[str, Any] = {
@@ -98,7 +98,7 @@ def cmd_endpoints(args: argparse.Namespace, settings: Settings) -> int:
     from storage.db import Database
     from storage.preferences import add_endpoint, list_endpoints
 
-    db = Database(settings.database_url.get_secret_value())
+    db = Database.from_settings(settings)
     try:
         if args.endpoints_command == "add":
             address = _check_endpoint(args.channel, args.address)
@@ -201,11 +201,18 @@ def rules_test(
         decoded = decoder(value, headers, topic)
     except InvalidEvent as exc:
         return {"rejected": {"reason": exc.reason, "message": exc.message}}
+    # As ingest does it: the herald-source header, else the stable default (never the topic).
+    source = next((v.decode() for k, v in headers if k == "herald-source" and v), settings.default_source)
     notes = [
         n
         for env in decoded.envelopes
         for n in expand(
-            env, default_source=topic, record_time=None, summary_chars=settings.policy.summary_chars
+            env,
+            default_source=source,
+            record_time=None,
+            summary_chars=settings.policy.summary_chars,
+            redactions=settings.policy.redactions,
+            content_keyed=decoded.content_keyed,
         )
     ]
     return {
@@ -337,11 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(exc: ValidationError) -> str:
+    """Each error as ``field: message``; never the input, which may hold a password."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-    except (ValidationError, FileNotFoundError) as exc:
+    except ValidationError as exc:
+        print(f"herald: invalid settings: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
         print(f"herald: invalid settings: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def run_dev(
         ensure_topics(dev, topics.ingest_topics())
         logdir = root / "logs"
         logdir.mkdir(exist_ok=True)
-        child_env = {**os.environ, **_env_pairs(dev)}
+        child_env = child_environment(os.environ, dev, config_file)
         children = [Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)]
         for child in reversed(children):
             stack.callback(child.stop)
@@ -129,6 +130,17 @@ def run_dev(
         print("herald dev: stopping ...", flush=True)
     print("herald dev: stopped.", flush=True)
     return 0
+
+
+def child_environment(base: Mapping[str, str], settings: Settings, config_file: str | None) -> dict[str, str]:
+    """What every child process runs with: ``base``, the file given with ``--config``,
+    and the dev stack's addresses, which win over the file (env beats TOML)."""
+    env = dict(base)
+    if config_file is not None:
+        # Absolute: a relative path would be read against the child's folder, not the caller's.
+        env["HERALD_CONFIG_FILE"] = str(Path(config_file).resolve())
+    env.update(_env_pairs(settings))
+    return env
 
 
 def _env_pairs(settings: Settings) -> dict[str, str]:

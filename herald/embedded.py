@@ -22,6 +22,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from core.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
+from producers.publisher import KAFKA_LOG
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class EmbeddedBroker:
             try:
                 # Wait for the listener first, so librdkafka never logs a refused connect.
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=5)
+                AdminClient({"bootstrap.servers": self.bootstrap}, logger=KAFKA_LOG).list_topics(timeout=5)
                 return
             except OSError:
                 time.sleep(0.05)

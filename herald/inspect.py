@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient
 
 from config.settings import Settings
 from core.errors import BrokerUnavailable
+from producers.publisher import KAFKA_LOG
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ def _consumer(settings: Settings, group: str | None = None) -> Consumer:
         "auto.offset.reset": "earliest",
     }
     conf.update(settings.kafka_client_config())
-    return Consumer(conf)
+    return Consumer(conf, logger=KAFKA_LOG)
 
 
 def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Record]:
@@ -127,7 +128,7 @@ def wait_group_stable(settings: Settings, group: str, timeout: float = 60.0) -> 
 
     Decided from the group state alone: the embedded broker reports no member list.
     """
-    admin = AdminClient(settings.kafka_client_config())
+    admin = AdminClient(settings.kafka_client_config(), logger=KAFKA_LOG)
     deadline = time.monotonic() + timeout
     while True:
         try:

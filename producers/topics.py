@@ -11,6 +11,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from config.settings import CHANNELS, Settings
 from core.errors import BrokerUnavailable
+from producers.publisher import KAFKA_LOG
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def ensure_topics(settings: Settings, names: Iterable[str], timeout: float = 30.
 
     Returns the names created. Existing topics are left as they are.
     """
-    admin = AdminClient(settings.kafka_client_config())
+    admin = AdminClient(settings.kafka_client_config(), logger=KAFKA_LOG)
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:

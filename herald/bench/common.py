@@ -26,7 +26,7 @@ from config.settings import Settings
 from core.errors import ConfigError, HeraldError
 from herald.embedded import EmbeddedStack
 from herald.inspect import wait_group_stable
-from producers.publisher import Position
+from producers.publisher import KAFKA_LOG, Position
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Cursor = psycopg.Cursor[tuple[Any, ...]]
@@ -114,7 +114,7 @@ class CommitWatch:
         self._targets = last
         conf: dict[str, Any] = {"group.id": group, "enable.auto.commit": False}
         conf.update(settings.kafka_client_config())
-        self._consumer = Consumer(conf)
+        self._consumer = Consumer(conf, logger=KAFKA_LOG)
 
     def done(self) -> bool:
         tps = [TopicPartition(t, p) for t, p in self._targets]
