@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test check bench dev clean tools
 
-$(STAMP): pyproject.toml
+# core/__init__.py holds the version, which the installed metadata must match.
+$(STAMP): pyproject.toml core/__init__.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,embedded]'

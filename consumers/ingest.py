@@ -21,7 +21,6 @@ are deterministic and channel consumers never send one twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -32,11 +31,12 @@ from datetime import UTC, datetime
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from config.settings import Settings
+from consumers import outbox
 from consumers.decode import Decoder
 from consumers.dlq import dead_letter
 from core import metrics, policy
-from core.envelope import Notification, expand
-from core.errors import HeraldError, InvalidEvent, RetryableError
+from core.envelope import BYTE_LIMITS, Notification, expand
+from core.errors import InvalidEvent, RecordRejected
 from core.policy import Decision, Preferences
 from producers.publisher import OutRecord, Publisher
 from producers.topics import Topics
@@ -44,6 +44,9 @@ from storage import notifications as store
 from storage.db import Database
 
 log = logging.getLogger(__name__)
+
+# Set by the receiver (and by any producer that wants a stable source name per sender).
+SOURCE_HEADER = "herald-source"
 
 
 @dataclass
@@ -113,15 +116,15 @@ class IngestHandler:
         dead = list(prepared.dead)
         try:
             decisions, stale = self._store(notes, outcome)
-        except RetryableError:
-            raise
-        except HeraldError as exc:
-            # The database refused something that passed validation: find it, dead-letter
-            # it, and keep the partition moving. Slow, but only on this rare path.
-            log.warning("batch refused by PostgreSQL (%s); storing its records one by one", exc)
-            decisions, stale = self._store_each(notes, origin, outcome, dead)
+        except RecordRejected as exc:
+            # PostgreSQL refused a record that passed validation: find it by halving the
+            # batch, dead-letter it, store its batch mates, and keep the partition moving.
+            log.warning(
+                "batch of %d notifications refused (%s); bisecting to find the record", len(notes), exc
+            )
+            decisions, stale = self._bisect(notes, origin, outcome, dead)
         out = [self._record(d) for d in decisions]
-        out += [self._stale_record(s) for s in stale]
+        out += [outbox.stored_record(s, self._topics, self._settings) for s in stale]
         self._publisher.publish(out + dead)
         published = [d.delivery_id for d in decisions] + [s.id for s in stale]
         if published:
@@ -153,12 +156,15 @@ class IngestHandler:
             kind, ts = msg.timestamp()
             record_time = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(ts / 1000, UTC)
             outcome.content_keys += decoded.content_keyed
+            source = self._default_source(msg)
             for env in decoded.envelopes:
                 for n in expand(
                     env,
-                    default_source=msg.topic() or "",
+                    default_source=source,
                     record_time=record_time,
                     summary_chars=self._policy.summary_chars,
+                    redactions=self._policy.redactions,
+                    content_keyed=decoded.content_keyed,
                 ):
                     key = (n.user_id, n.idempotency_key)
                     if key in notes:
@@ -169,26 +175,47 @@ class IngestHandler:
         outcome.invalid = len(dead)
         return list(notes.values()), dead, origin
 
-    def _store_each(
+    def _default_source(self, msg: Message) -> str:
+        """The ``herald-source`` header (the receiver sets it), else the configured stable name."""
+        raw = msg.headers() or []
+        for name, value in raw.items() if isinstance(raw, dict) else raw:
+            if name != SOURCE_HEADER:
+                continue
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+            if 0 < len(text.encode()) <= BYTE_LIMITS["source"]:
+                return text
+        return self._settings.default_source
+
+    def _bisect(
         self,
         notes: list[Notification],
         origin: dict[uuid.UUID, Message],
         outcome: BatchOutcome,
         dead: list[OutRecord],
     ) -> tuple[list[Decision], list[store.UnpublishedDelivery]]:
-        """Fallback: one transaction per source record; the ones refused go to the DLQ."""
+        """Store the batch in halves until each refused source record stands alone.
+
+        About 2·log2(n) transactions per refused record, not one per record. The
+        notifications of one source record stay together: a record lands whole or is
+        dead-lettered whole. Halves that commit before a retryable failure are simply
+        duplicates when the loop retries the batch.
+        """
         groups: dict[int, list[Notification]] = {}
         for n in notes:
             groups.setdefault(id(origin[n.id]), []).append(n)
         decisions: list[Decision] = []
         stale: list[store.UnpublishedDelivery] = []
-        for group in groups.values():
-            msg = origin[group[0].id]
+        pending: list[list[list[Notification]]] = [list(groups.values())]
+        while pending:
+            part = pending.pop()
             try:
-                d, s = self._store(group, outcome)
-            except RetryableError:
-                raise
-            except HeraldError as exc:
+                d, s = self._store([n for g in part for n in g], outcome)
+            except RecordRejected as exc:
+                if len(part) > 1:
+                    mid = len(part) // 2
+                    pending += [part[mid:], part[:mid]]  # the first half is tried first
+                    continue
+                msg = origin[part[0][0].id]
                 log.warning(
                     "%s[%d]@%d: refused by PostgreSQL -> dead-letter topic",
                     msg.topic(),
@@ -236,40 +263,8 @@ class IngestHandler:
 
     # step 4: records that leave the system (already redacted)
     def _record(self, d: Decision) -> OutRecord:
-        return self._encode(
-            d.route, d.channel, d.notification.user_id, policy.decision_record(d, self._policy)
-        )
-
-    def _stale_record(self, s: store.UnpublishedDelivery) -> OutRecord:
-        payload = policy.external_record(
-            delivery_id=s.id,
-            notification_id=s.notification_id,
-            user_id=s.user_id,
-            channel=s.channel,
-            route=s.route,
-            reason=s.reason,
-            severity=s.severity,
-            type=s.type,
-            category=s.category,
-            title=s.title,
-            summary=s.summary,
-            target_url=s.target_url,
-            batch_key=s.batch_key,
-            occurred_at=s.occurred_at,
-            policy=self._policy,
-        )
-        return self._encode(s.route, s.channel, s.user_id, payload)
-
-    def _encode(self, route: str, channel: str, user_id: str, payload: dict[str, object]) -> OutRecord:
-        topic = (
-            self._topics.deliveries(channel) if route == policy.IMMEDIATE else self._topics.digests_pending
-        )
-        return OutRecord(
-            topic=topic,
-            key=user_id.encode(),
-            value=json.dumps(payload, separators=(",", ":")).encode(),
-            headers=[("herald-delivery-id", str(payload["delivery_id"]).encode())],
-        )
+        payload = policy.decision_record(d, self._policy)
+        return outbox.encode(self._topics, d.route, d.channel, d.notification.user_id, payload)
 
     def _account(self, o: BatchOutcome, dead: list[OutRecord], started: float) -> None:
         mx = self._metrics

@@ -12,4 +12,4 @@ the receiver and the API) belong here too.
 """
 
 # The one version string: pyproject.toml reads it (tool.setuptools.dynamic), herald --version prints it.
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -21,6 +22,7 @@ from pydantic import (
 )
 
 from core.errors import NotAnObject, NotJson, SchemaViolation, TooLarge
+from core.redaction import redact_then_truncate
 
 Severity = Literal["info", "success", "warning", "critical"]
 EXTERNAL_SEVERITIES = frozenset({"warning", "critical"})
@@ -30,10 +32,32 @@ EXTERNAL_SEVERITIES = frozenset({"warning", "critical"})
 # A JSON \u0000 escape: an odd run of backslashes before u0000 (an even run is text).
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
+_HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])")
+
 # Browsers read "/\\evil.com" or "/<tab>/evil.com" as "//evil.com".
 _UNSAFE_URL_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 NOTIFICATION_NS = uuid.UUID("6c1f8e2a-3b57-4d6e-9a0c-2f4b8d1e7a90")
+
+# Limits in UTF-8 bytes for every id and key field (character limits let a 200-character
+# id be 800 bytes). user_id is indexed (inbox, unread, rate limits), so its limit keeps an
+# index row far below PostgreSQL's ~2.7 kB; the idempotency key is indexed by its hash
+# (the notification id), never by itself, so any key that passes here can be stored.
+BYTE_LIMITS: dict[str, int] = {
+    "id": 1000,
+    "type": 400,
+    "user_id": 400,
+    "source": 400,
+    "category": 200,
+    "resource_id": 1000,
+    "idempotency_key": 1000,
+    "batch_key": 1000,
+}
+RECIPIENT_BYTES = 400
+# Free text is checked for lone surrogates only (its character limits bound its size).
+_TEXT_FIELDS = ("title", "body", "summary", "target_url")
+
+Recipient = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class Envelope(BaseModel):
@@ -45,7 +69,7 @@ class Envelope(BaseModel):
     type: str = Field(min_length=1, max_length=200)
     title: str = Field(min_length=1, max_length=200)
     user_id: str | None = Field(default=None, min_length=1, max_length=200)
-    recipients: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
+    recipients: list[Recipient] | None = Field(default=None, min_length=1, max_length=10_000)
     source: str | None = Field(default=None, min_length=1, max_length=200)
     severity: Severity = "info"
     body: str | None = Field(default=None, max_length=10_000)
@@ -85,6 +109,48 @@ class Envelope(BaseModel):
         if self.user_id is None and self.recipients is None:
             raise ValueError("either user_id or recipients is required")
         return self
+
+    @model_validator(mode="after")
+    def _storable(self) -> Envelope:
+        """Byte limits on ids and keys; text PostgreSQL can store; finite numbers in ``data``."""
+        for name, limit in BYTE_LIMITS.items():
+            _fits(name, getattr(self, name), limit)
+        for r in self.recipients or ():
+            _fits("recipients[]", r, RECIPIENT_BYTES)
+        for name in _TEXT_FIELDS:
+            _fits(name, getattr(self, name), 1 << 30)
+        if self.data:
+            _check_json(self.data, "data")
+        return self
+
+
+def _fits(name: str, value: str | None, limit: int) -> None:
+    """``value`` is valid UTF-8 (no lone surrogate) and at most ``limit`` bytes."""
+    if value is None or (value.isascii() and len(value) <= limit):
+        return
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} contains a lone surrogate, which is not valid UTF-8") from None
+    if size > limit:
+        raise ValueError(f"{name} is {size} bytes in UTF-8, over the limit of {limit}")
+
+
+def _check_json(value: object, where: str) -> None:
+    """Non-finite numbers and lone surrogates cannot be stored in jsonb (nor read by most peers)."""
+    t = type(value)
+    if t is str:
+        _fits(where, value, 1 << 30)  # type: ignore[arg-type]
+    elif t is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise ValueError(f"{where} holds a non-finite number (NaN or Infinity)")
+    elif t is dict:
+        for k, v in value.items():  # type: ignore[attr-defined]
+            _fits(where, k, 1 << 30)
+            _check_json(v, where)
+    elif t is list:
+        for v in value:  # type: ignore[attr-defined]
+            _check_json(v, where)
 
 
 @dataclass(slots=True)
@@ -134,7 +200,11 @@ def parse(value: bytes | None, *, max_bytes: int) -> Envelope:
     try:
         return Envelope.model_validate_json(raw)
     except ValidationError as exc:
-        raise _classify(exc) from None
+        err = _classify(exc)
+        if isinstance(err, NotJson) and _HIGH_SURROGATE_ESCAPE.search(raw):
+            # The parser calls a high surrogate with no low one "unexpected end of hex escape".
+            err = SchemaViolation(f"{err.message} (a lone surrogate is not valid UTF-8)")
+        raise err from None
 
 
 def load_json(value: bytes) -> Any:
@@ -178,6 +248,9 @@ def _classify(exc: ValidationError) -> SchemaViolation | NotJson | NotAnObject:
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]
     if first["type"] == "json_invalid":
+        if "surrogate" in first["msg"]:
+            # Valid JSON syntax, but not valid Unicode: nothing can store or send it.
+            return SchemaViolation(f"{first['msg']} (a lone surrogate is not valid UTF-8)")
         return NotJson(f"not valid JSON: {first['msg']}")
     if first["type"] == "model_type" and not first["loc"]:
         return NotAnObject("the record is JSON but not an object")
@@ -185,13 +258,24 @@ def _classify(exc: ValidationError) -> SchemaViolation | NotJson | NotAnObject:
     return SchemaViolation(described)
 
 
-def idempotency_key(env: Envelope, user_id: str, source: str) -> str:
-    """The policy's chain, first that applies (DESIGN.md, Policy)."""
+def idempotency_key(env: Envelope, source: str, *, content_keyed: bool = False) -> str:
+    """The policy's chain, first that applies (DESIGN.md, Policy), each tier tagged.
+
+    - ``k:<key>``: the event's explicit ``idempotency_key``;
+    - ``r:<len(type)>:<type>:<resource_id>``: the same resource failing twice is one
+      notification (the user is part of the dedupe key already);
+    - ``s:<len(source)>:<source>:<id>``: the event's own id at its source;
+    - ``h:<sha256:…>``: a mapped record with no id at all (``content_keyed``).
+
+    The tag keeps tiers apart (an explicit key never equals a derived one) and the
+    length prefix keeps parts apart (``a:b`` + ``c`` never equals ``a`` + ``b:c``).
+    This format is stored data: see the README's compatibility rule before changing it.
+    """
     if env.idempotency_key:
-        return env.idempotency_key
+        return ("h:" if content_keyed else "k:") + env.idempotency_key
     if env.resource_id:
-        return f"{user_id}:{env.type}:{env.resource_id}"
-    return f"{source}:{env.id}"
+        return f"r:{len(env.type)}:{env.type}:{env.resource_id}"
+    return f"s:{len(source)}:{source}:{env.id}"
 
 
 def content_key(value: bytes) -> str:
@@ -199,13 +283,13 @@ def content_key(value: bytes) -> str:
     return "sha256:" + hashlib.sha256(value).hexdigest()
 
 
-def default_summary(env: Envelope, limit: int) -> str | None:
+def default_summary(env: Envelope, limit: int, redactions: tuple[str, ...] = ()) -> str | None:
+    """The explicit summary, else the start of the body (redacted whole, then cut), unless sensitive."""
     if env.summary is not None:
         return env.summary
     if env.sensitive or not env.body:
         return None
-    text = " ".join(env.body.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+    return redact_then_truncate(" ".join(env.body.split()), redactions, limit)
 
 
 def expand(
@@ -214,19 +298,25 @@ def expand(
     default_source: str,
     record_time: datetime | None,
     summary_chars: int = 280,
+    redactions: tuple[str, ...] = (),
+    content_keyed: bool = False,
 ) -> list[Notification]:
-    """One notification per recipient, each with its idempotency key and id."""
+    """One notification per recipient, each with its idempotency key and id.
+
+    ``default_source`` names the source of an event that names none: the record's
+    ``herald-source`` header, else ``HERALD_DEFAULT_SOURCE``; never the physical topic.
+    """
     source = env.source or default_source
     occurred_at = env.occurred_at or record_time or datetime.now(UTC)
-    summary = default_summary(env, summary_chars)
+    summary = default_summary(env, summary_chars, redactions)
     users = env.recipients if env.recipients is not None else [env.user_id or ""]
+    key = idempotency_key(env, source, content_keyed=content_keyed)
     seen: set[str] = set()
     out: list[Notification] = []
     for user_id in users:
         if user_id in seen:
             continue
         seen.add(user_id)
-        key = idempotency_key(env, user_id, source)
         out.append(
             Notification(
                 id=uuid.uuid5(NOTIFICATION_NS, f"{user_id}\x00{key}"),

@@ -5,17 +5,16 @@ Nothing here does I/O, so every rule is a plain unit test.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 from config.settings import CHANNELS, PolicySettings
 from core.envelope import Notification
+from core.redaction import redact_then_truncate
 
 DELIVERY_NS = uuid.UUID("0b9d6a3e-71c4-4f25-8e1a-5c3d2b7f9e04")
 
@@ -141,25 +140,8 @@ def apply_rate_limits(
     return out
 
 
-@lru_cache(maxsize=8)
-def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{p})" for p in patterns))
-
-
-def redact(text: str | None, patterns: tuple[str, ...]) -> str | None:
-    """Mask what the redaction list matches before anything leaves the system."""
-    if text is None or not patterns:
-        return text
-    return _redacted(text, patterns)
-
-
-@lru_cache(maxsize=8192)
-def _redacted(text: str, patterns: tuple[str, ...]) -> str:
-    # Cached: titles and summaries repeat (one per channel, and the same job failing).
-    rx = _compiled(patterns)
-    return text if rx is None else rx.sub("[redacted]", text)
+# What each text field that leaves the system is cut to, after redaction (DESIGN.md: the whole list).
+TEXT_LIMITS = {"type": 200, "category": 100, "title": 200, "target_url": 2000, "batch_key": 500}
 
 
 def external_record(
@@ -180,7 +162,10 @@ def external_record(
     occurred_at: datetime,
     policy: PolicySettings,
 ) -> dict[str, Any]:
-    """What may leave the system: ids, channel, title, summary, link. Never body or data."""
+    """What may leave the system: ids, channel, title, summary, link. Never body or data.
+
+    Every text field is redacted, then truncated (``core/redaction.py`` says why that order).
+    """
     return {
         "delivery_id": str(delivery_id),
         "notification_id": str(notification_id),
@@ -189,14 +174,18 @@ def external_record(
         "route": route,
         "reason": reason,
         "severity": severity,
-        "type": type,
-        "category": category,
-        "title": redact(title, policy.redactions),
-        "summary": redact(summary, policy.redactions),
-        "target_url": target_url,
-        "batch_key": batch_key,
+        "type": _clean(type, "type", policy),
+        "category": _clean(category, "category", policy),
+        "title": _clean(title, "title", policy),
+        "summary": redact_then_truncate(summary, policy.redactions, policy.summary_chars),
+        "target_url": _clean(target_url, "target_url", policy),
+        "batch_key": _clean(batch_key, "batch_key", policy),
         "occurred_at": occurred_at.isoformat(),
     }
+
+
+def _clean(text: str | None, field: str, policy: PolicySettings) -> Any:
+    return redact_then_truncate(text, policy.redactions, TEXT_LIMITS[field])
 
 
 def decision_record(decision: Decision, policy: PolicySettings) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def sample_events(run: str) -> list[dict[str, Any] | bytes]:
 
 def run_demo(settings: Settings) -> int:
     run = uuid.uuid4().hex[:6]
-    db = Database(settings.database_url.get_secret_value())
+    db = Database.from_settings(settings)
     try:
         set_preferences(db, f"alice-{run}", {"email": True, "push": True})
         add_endpoint(db, f"alice-{run}", "email", "alice@example.com")
@@ -109,7 +109,7 @@ def run_demo(settings: Settings) -> int:
 
 
 def report(settings: Settings, run: str, events: list[dict[str, Any] | bytes], offsets: set[int]) -> None:
-    db = Database(settings.database_url.get_secret_value())
+    db = Database.from_settings(settings)
     try:
         with db.transaction() as cur:
             cur.execute(

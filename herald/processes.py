@@ -11,6 +11,7 @@ from config.settings import Settings
 from consumers.decode import Decoder
 from consumers.ingest import IngestHandler
 from consumers.loop import BatchLoop, RunStats, Stopper
+from consumers.outbox import OutboxRelay
 from consumers.rules import RuleSet
 from core.http import Health, serve
 from producers.publisher import KafkaPublisher
@@ -57,17 +58,26 @@ def run_ingest(
     """Build and run the ingest consumer until stopped (or a bound is reached)."""
     decoder = build_decoder(settings)  # an invalid rules file stops here, before any connection
     topics = Topics(settings.topic_prefix)
-    ensure_topics(settings, topics.ingest_topics())
     health = Health()
     with ExitStack() as stack:
         if settings.metrics_port >= 0:
-            server = serve(settings.metrics_host, settings.metrics_port, health.ok)
+            # Before any connection: a busy port fails at once, not after the broker answers.
+            server = serve(settings.metrics_host, settings.metrics_port, health)
             stack.callback(server.server_close)
             stack.callback(server.shutdown)
-        db = Database(settings.database_url.get_secret_value())
+        ensure_topics(settings, topics.ingest_topics())
+        db = Database.from_settings(settings)
         stack.callback(db.close)
         publisher = KafkaPublisher(settings)
         stack.callback(publisher.close)
+        # The outbox relay on its own connection and producer: it must never wait on a batch.
+        relay_db = Database.from_settings(settings)
+        stack.callback(relay_db.close)
+        relay_publisher = KafkaPublisher(settings)
+        stack.callback(relay_publisher.close)
+        relay = OutboxRelay(settings, relay_db, relay_publisher, topics)
+        relay.start()
+        stack.callback(relay.stop)
         handler = IngestHandler(settings, db, publisher, topics, decoder)
         loop = BatchLoop(
             settings,

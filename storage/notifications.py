@@ -35,8 +35,8 @@ INSERT INTO notifications (id, user_id, source, type, category, severity, title,
 SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
     %b::text[], %b::text[], %b::text[], %b::text[], %b::jsonb[], %b::bool[], %b::text[],
     %b::text[], %b::bool[], %b::timestamptz[]) AS t
-ORDER BY 2, 13
-ON CONFLICT (user_id, idempotency_key) DO NOTHING
+ORDER BY 1
+ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
 
@@ -61,6 +61,18 @@ SELECT d.id, d.notification_id, d.user_id, d.channel, d.route, d.reason, n.sever
 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
 WHERE d.notification_id = ANY(%b) AND d.published_at IS NULL
 ORDER BY d.id
+"""
+
+# The outbox relay: rows left unpublished past the age limit, claimed so that several
+# ingest processes never publish the same row at once (SKIP LOCKED: each takes others).
+_CLAIM_STRANDED_SQL = """
+SELECT d.id, d.notification_id, d.user_id, d.channel, d.route, d.reason, n.severity, n.type,
+       n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at
+FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+WHERE d.published_at IS NULL AND d.created_at < now() - make_interval(secs => %s)
+ORDER BY d.created_at
+LIMIT %s
+FOR UPDATE OF d SKIP LOCKED
 """
 
 _MARK_PUBLISHED_SQL = """
@@ -163,6 +175,12 @@ def unpublished_for(cur: Cursor, notification_ids: Sequence[uuid.UUID]) -> list[
     if not notification_ids:
         return []
     cur.execute(_UNPUBLISHED_SQL, (list(notification_ids),))
+    return [UnpublishedDelivery(*row) for row in cur.fetchall()]
+
+
+def claim_stranded(cur: Cursor, older_than_s: float, limit: int) -> list[UnpublishedDelivery]:
+    """Lock up to ``limit`` rows unpublished for longer than ``older_than_s``; others skip them."""
+    cur.execute(_CLAIM_STRANDED_SQL, (older_than_s, limit))
     return [UnpublishedDelivery(*row) for row in cur.fetchall()]
 
 

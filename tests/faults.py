@@ -3,7 +3,7 @@ process, and the end-state check every fault test ends with.
 
 The expected state is computed here from what the test produced, independently
 of the code under test: idempotency keys follow the chain in DESIGN.md (explicit
-key, else ``user:type:resource``, else ``source:id``), channels follow the
+key, else type and resource, else source and id; ``tests.helpers.expected_key``), channels follow the
 preferences the test stored, and rate limits follow the configured limits.
 """
 
@@ -34,6 +34,7 @@ from producers.publisher import Position, producer_config
 from producers.topics import Topics
 from storage.db import Database
 from storage.preferences import set_preferences
+from tests.helpers import expected_key
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = "notifications, deliveries, notification_preferences, channel_endpoints, digest_windows, rate_limits"
@@ -214,16 +215,10 @@ class StreamBuilder:
 
     def _expected(self, ev: dict[str, Any]) -> list[Expected]:
         recipients = ev.get("recipients") or [ev["user_id"]]
-        source = ev.get("source") or self.events_topic
         occurred = datetime.fromisoformat(ev["occurred_at"])
         out: list[Expected] = []
         for user in dict.fromkeys(recipients):
-            if "idempotency_key" in ev:
-                key = ev["idempotency_key"]
-            elif "resource_id" in ev:
-                key = f"{user}:{ev['type']}:{ev['resource_id']}"
-            else:
-                key = f"{source}:{ev['id']}"
+            key = expected_key(ev)
             out.append(Expected(user, key, ev["severity"], occurred))
         return out
 

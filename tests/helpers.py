@@ -41,6 +41,17 @@ def herald_cli(
     )
 
 
+def expected_key(ev: dict[str, Any], default_source: str = "events") -> str:
+    """The idempotency key the README's tier table gives an event, written out independently
+    of ``core.envelope`` so that tests check the code against the documented contract."""
+    if "idempotency_key" in ev:
+        return f"k:{ev['idempotency_key']}"
+    if "resource_id" in ev:
+        return f"r:{len(ev['type'])}:{ev['type']}:{ev['resource_id']}"
+    source = ev.get("source") or default_source
+    return f"s:{len(source)}:{source}:{ev['id']}"
+
+
 def make_settings(bootstrap: str, database_url: str, **overrides: Any) -> Settings:
     """Fresh topic prefix; short timers so the suite stays fast."""
     values: dict[str, Any] = {

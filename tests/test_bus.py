@@ -95,9 +95,9 @@ def test_cloudevents_in_both_modes_without_any_rules(settings: Settings, db: Con
     assert [r[0] for r in got] == ["r1", "r2", "subject-user"]  # data wins over subject
     by_user = {r[0]: r for r in got}
     assert by_user["subject-user"][1:4] == ("com.acme.invoice.failed", "/billing", "critical")
-    assert by_user["subject-user"][7] == "subject-user:com.acme.invoice.failed:inv-1"
+    assert by_user["subject-user"][7] == "r:23:com.acme.invoice.failed:inv-1"
     assert by_user["r1"][1:4] == ("com.acme.deploy.done", "/deploys", "success")
-    assert by_user["r1"][7] == "/deploys:ce-b-1"
+    assert by_user["r1"][7] == "s:8:/deploys:ce-b-1"
     occurred = db.execute("SELECT occurred_at FROM notifications WHERE user_id = 'subject-user'").fetchone()
     assert occurred is not None and str(occurred[0]).startswith("2030-05-06 07:08:09")
 
@@ -138,7 +138,7 @@ def test_shipped_rules_on_real_samples(settings: Settings, db: Conn) -> None:
     jobs = rows(db, "WHERE user_id = 'user-42'")
     assert len(jobs) == 2  # two runs of the same job: two notifications, one batch key
     assert {r[5] for r in jobs} == {"job:nightly-export"} and {r[3] for r in jobs} == {"warning"}
-    assert all(str(r[7]).startswith("sha256:") for r in jobs)
+    assert all(str(r[7]).startswith("h:sha256:") for r in jobs)
 
 
 def test_a_mapped_warning_goes_to_the_digest_batched_by_its_key(settings: Settings, db: Conn) -> None:

@@ -199,7 +199,7 @@ def test_stripe_invoice_payment_failed() -> None:
     assert env.title == "Payment failed for invoice A1B2C3D4-0007" and env.source == "stripe"
     assert env.occurred_at is not None and int(env.occurred_at.timestamp()) == 1711962061
     (n,) = expand(env, default_source=TOPIC, record_time=None)
-    assert n.idempotency_key == "cus_PpQ8nAz1LmR2sT:invoice.payment_failed:in_1OzQ3s2eZvKYlo2Cq7x1bq9N"
+    assert n.idempotency_key == "r:22:invoice.payment_failed:in_1OzQ3s2eZvKYlo2Cq7x1bq9N"
 
 
 def test_stripe_recipient_path_is_configurable() -> None:

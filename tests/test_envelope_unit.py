@@ -16,10 +16,12 @@ from core.envelope import (
     content_key,
     default_summary,
     expand,
+    from_object,
     idempotency_key,
     parse,
 )
 from core.errors import InvalidEvent, NotAnObject, NotJson, SchemaViolation, TooLarge
+from core.redaction import redact
 
 RECORD_TIME = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -215,28 +217,51 @@ def test_escaped_backslash_before_u0000_is_not_a_nul() -> None:
 
 def test_key_explicit_idempotency_key_wins() -> None:
     env = parsed(idempotency_key="k-1", resource_id="inv-9", source="billing")
-    assert idempotency_key(env, "u1", "billing") == "k-1"
+    assert idempotency_key(env, "billing") == "k:k-1"
 
 
-def test_key_user_type_resource_when_there_is_a_resource_id() -> None:
+def test_key_type_and_resource_when_there_is_a_resource_id() -> None:
     env = parsed(resource_id="inv-9")
-    assert idempotency_key(env, "u1", "billing") == "u1:invoice.payment_failed:inv-9"
+    assert idempotency_key(env, "billing") == "r:22:invoice.payment_failed:inv-9"
     # The seed's rule: the same invoice failing twice (two event ids) is one notification.
     other = parsed(id="evt-2", resource_id="inv-9")
-    assert idempotency_key(other, "u1", "billing") == idempotency_key(env, "u1", "billing")
+    assert idempotency_key(other, "billing") == idempotency_key(env, "billing")
 
 
 def test_key_source_and_id_otherwise() -> None:
     env = parsed()
-    assert idempotency_key(env, "u1", "billing") == "billing:evt-1"
+    assert idempotency_key(env, "billing") == "s:7:billing:evt-1"
 
 
-def test_key_source_defaults_to_the_topic() -> None:
-    [n] = expand(parsed(), default_source="herald.events", record_time=RECORD_TIME)
-    assert n.source == "herald.events"
-    assert n.idempotency_key == "herald.events:evt-1"
-    [m] = expand(parsed(source="billing"), default_source="herald.events", record_time=RECORD_TIME)
-    assert m.idempotency_key == "billing:evt-1"
+def test_key_parts_are_unambiguous() -> None:
+    """``a:b`` + ``c`` must not equal ``a`` + ``b:c``, in either two-part tier."""
+    assert idempotency_key(parsed(type="a:b", resource_id="c"), "s") != idempotency_key(
+        parsed(type="a", resource_id="b:c"), "s"
+    )
+    assert idempotency_key(parsed(id="c"), "a:b") != idempotency_key(parsed(id="b:c"), "a")
+
+
+def test_an_explicit_key_never_equals_another_events_derived_key() -> None:
+    derived = idempotency_key(parsed(), "billing")  # s:7:billing:evt-1
+    forged = parsed(id="other", idempotency_key=derived)
+    assert idempotency_key(forged, "billing") != derived
+    by_resource = idempotency_key(parsed(resource_id="inv-9"), "billing")
+    assert idempotency_key(parsed(idempotency_key=by_resource), "billing") != by_resource
+
+
+def test_a_content_key_is_its_own_tier() -> None:
+    value_key = content_key(b'{"legacy": true}')
+    explicit = parsed(idempotency_key=value_key)
+    assert idempotency_key(explicit, "s") != idempotency_key(explicit, "s", content_keyed=True)
+    assert idempotency_key(explicit, "s", content_keyed=True).startswith("h:sha256:")
+
+
+def test_key_source_defaults_to_a_stable_name_not_the_topic() -> None:
+    [n] = expand(parsed(), default_source="events", record_time=RECORD_TIME)
+    assert n.source == "events"
+    assert n.idempotency_key == "s:6:events:evt-1"
+    [m] = expand(parsed(source="billing"), default_source="events", record_time=RECORD_TIME)
+    assert m.idempotency_key == "s:7:billing:evt-1"
 
 
 def test_content_key_is_sha256_of_the_value() -> None:
@@ -248,7 +273,7 @@ def test_content_key_is_sha256_of_the_value() -> None:
 def test_notification_id_is_deterministic_per_user_and_key() -> None:
     [a] = expand(parsed(), default_source="s", record_time=RECORD_TIME)
     [b] = expand(parsed(title="changed"), default_source="s", record_time=None)
-    assert a.id == b.id == uuid.uuid5(NOTIFICATION_NS, "u1\x00s:evt-1")
+    assert a.id == b.id == uuid.uuid5(NOTIFICATION_NS, "u1\x00s:1:s:evt-1")
 
 
 # --- summary ---------------------------------------------------------------------------------------
@@ -292,13 +317,13 @@ def test_expand_fans_out_recipients_with_distinct_ids() -> None:
     notes = expand(env, default_source="s", record_time=RECORD_TIME)
     assert [n.user_id for n in notes] == ["a", "b", "c"]
     assert len({n.id for n in notes}) == 3
-    assert [n.idempotency_key for n in notes] == [f"{u}:invoice.payment_failed:r1" for u in "abc"]
+    assert [n.idempotency_key for n in notes] == ["r:22:invoice.payment_failed:r1"] * 3
 
 
 def test_expand_explicit_key_is_shared_but_ids_differ_per_recipient() -> None:
     env = parsed(user_id=None, recipients=["a", "b"], idempotency_key="k")
     a, b = expand(env, default_source="s", record_time=RECORD_TIME)
-    assert a.idempotency_key == b.idempotency_key == "k"
+    assert a.idempotency_key == b.idempotency_key == "k:k"
     assert a.id != b.id
 
 
@@ -331,3 +356,62 @@ def test_expand_copies_the_fields_and_marks_external_severities() -> None:
     assert n.external
     [i] = expand(parsed(severity="success"), default_source="s", record_time=RECORD_TIME)
     assert not i.external
+
+
+# --- what PostgreSQL can store: bytes, not characters ----------------------------------------------
+
+
+def test_id_and_key_limits_are_in_utf8_bytes() -> None:
+    parsed(user_id="u" * 200)  # 200 bytes: fine
+    with pytest.raises(SchemaViolation, match="user_id is 600 bytes"):
+        parsed(user_id="\u20ac" * 200)  # 200 characters, 600 bytes
+    with pytest.raises(SchemaViolation, match="idempotency_key is 1500 bytes"):
+        parsed(idempotency_key="\u20ac" * 500)
+
+
+def test_each_recipient_is_limited() -> None:
+    with pytest.raises(SchemaViolation, match="recipients"):
+        parsed(user_id=None, recipients=["ok", "x" * 20_000])
+    with pytest.raises(SchemaViolation, match="recipients"):
+        parsed(user_id=None, recipients=["ok", "\u20ac" * 150])
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_in_data_are_a_schema_violation(number: str) -> None:
+    value = b'{"id":"1","type":"t","title":"x","user_id":"u","data":{"a":[1,{"b":%s}]}}' % number.encode()
+    with pytest.raises(SchemaViolation, match="non-finite"):
+        parse(value, max_bytes=10_000)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"id":"1","type":"t","title":"x\\ud800","user_id":"u"}',
+        b'{"id":"1","type":"t","title":"x","user_id":"u","data":{"a":"\\udc00"}}',
+    ],
+)
+def test_lone_surrogates_are_a_schema_violation(value: bytes) -> None:
+    with pytest.raises(SchemaViolation, match="surrogate|unicode"):
+        parse(value, max_bytes=10_000)
+
+
+def test_lone_surrogates_from_decoded_objects_are_a_schema_violation() -> None:
+    """CloudEvents and mapping rules decode with json.loads, which accepts them."""
+    obj = json.loads('{"id":"1","type":"t","title":"x","user_id":"u","data":{"\\ud800":1}}')
+    with pytest.raises(SchemaViolation, match="surrogate"):
+        from_object(obj)
+    obj = json.loads('{"id":"1","type":"t","title":"x","user_id":"u\\udfff"}')
+    with pytest.raises(SchemaViolation, match="unicode"):
+        from_object(obj)
+
+
+def test_summary_is_redacted_before_it_is_cut() -> None:
+    """A card number across the 280-character boundary must not survive as a fragment."""
+    body = "x" * 265 + " 4111 1111 1111 1111 declined"  # the cut falls inside the number
+    env = parsed(body=body)
+    patterns = (r"\b\d(?:[ -]?\d){12,18}\b",)
+    summary = default_summary(env, 280, patterns)
+    assert summary is not None and "4111" not in summary and "1111" not in summary
+    unredacted_cut = default_summary(env, 280)
+    assert unredacted_cut is not None and "4111 1111 11" in unredacted_cut  # the hazard is real
+    assert redact(unredacted_cut, patterns) == unredacted_cut  # and redacting the cut misses it

@@ -30,7 +30,7 @@ from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics
 from storage.db import Database
 from storage.preferences import set_preferences
-from tests.helpers import event, last_offsets, produce
+from tests.helpers import event, expected_key, last_offsets, produce
 
 if TYPE_CHECKING:
     from tests.conftest import Backend
@@ -77,9 +77,7 @@ def stream(rng: random.Random, topic: str, users: list[str], email_users: list[s
 
 
 def dedupe_key(e: dict[str, Any], topic: str) -> tuple[str, str]:
-    if "resource_id" in e:
-        return e["user_id"], f"{e['user_id']}:{e['type']}:{e['resource_id']}"
-    return e["user_id"], f"{topic}:{e['id']}"
+    return e["user_id"], expected_key(e)  # the source defaults to a stable name, not the topic
 
 
 def start(settings: Settings, group: str, log: Path) -> subprocess.Popen[bytes]:

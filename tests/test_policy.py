@@ -285,7 +285,7 @@ def test_recipients_fan_out_one_notification_each(world: World) -> None:
         u = world.users[name]
         [row] = world.first.notifications[u]
         assert row["title"] == "Team alert"
-        assert row["idempotency_key"] == f"{u}:invoice.payment_failed:incident-1"
+        assert row["idempotency_key"] == "r:22:invoice.payment_failed:incident-1"
         ids.add(row["id"])
     assert len(ids) == 3
     # only fan_b turned email on: one delivery, for fan_b alone

@@ -20,9 +20,9 @@ from core.policy import (
     apply_rate_limits,
     plan,
     rate_key,
-    redact,
     requested,
 )
+from core.redaction import redact
 
 T0 = datetime(2030, 1, 1, 10, 0, 0, tzinfo=UTC)
 POLICY = PolicySettings()

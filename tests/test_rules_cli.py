@@ -76,7 +76,19 @@ def test_rules_test_reads_stdin_and_takes_a_topic() -> None:
     )
     assert out.returncode == 0, out.stderr
     (note,) = json.loads(out.stdout)["notifications"]
-    assert note["source"] == "ci.events" and note["idempotency_key"].startswith("sha256:")
+    # The default source is a stable name, never the topic (a mirrored topic dedupes the same).
+    assert note["source"] == "events" and note["idempotency_key"].startswith("h:sha256:")
+    named = herald(
+        "rules",
+        "test",
+        str(rules),
+        "-",
+        "--header",
+        "herald-source=ci",
+        stdin=(SAMPLES / "job_failed.json").read_text(),
+    )
+    (note,) = json.loads(named.stdout)["notifications"]
+    assert note["source"] == "ci"
 
 
 def test_rules_test_says_why_a_sample_is_rejected() -> None:

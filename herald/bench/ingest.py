@@ -91,7 +91,7 @@ WITH ins AS (
     INSERT INTO notifications (id, user_id, source, type, category, severity, title, body, summary,
         target_url, data, sensitive, idempotency_key, batch_key, hidden, occurred_at)
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s)
-    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    ON CONFLICT (id) DO NOTHING
     RETURNING id
 )
 SELECT count(*) FROM ins
@@ -514,7 +514,7 @@ def run_baseline(conn: Conn, settings: Settings, sample: Workload) -> BaselineRe
     check_durability(conn)  # this very session, too
     conn.commit()
     defaults = Preferences.defaults(settings.policy)
-    source = Topics(settings.topic_prefix).events
+    source = settings.default_source
     values = [v for _, v in sample.records]
     inserted = 0
     committing = 0.0
@@ -524,7 +524,11 @@ def run_baseline(conn: Conn, settings: Settings, sample: Workload) -> BaselineRe
         for i, value in enumerate(values):
             env = parse(value, max_bytes=settings.max_event_bytes)
             for n in expand(
-                env, default_source=source, record_time=None, summary_chars=settings.policy.summary_chars
+                env,
+                default_source=source,
+                record_time=None,
+                summary_chars=settings.policy.summary_chars,
+                redactions=settings.policy.redactions,
             ):
                 inserted += _seed_event(cur, n, defaults, settings)
             before_commit = time.perf_counter()
