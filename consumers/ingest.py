@@ -35,7 +35,7 @@ from consumers import outbox
 from consumers.decode import Decoder
 from consumers.dlq import dead_letter
 from core import metrics, policy
-from core.envelope import BYTE_LIMITS, Notification, expand
+from core.envelope import BYTE_LIMITS, Notification, expand_all
 from core.errors import InvalidEvent, RecordRejected
 from core.policy import Decision, Preferences
 from producers.publisher import OutRecord, Publisher
@@ -157,21 +157,19 @@ class IngestHandler:
             record_time = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(ts / 1000, UTC)
             outcome.content_keys += decoded.content_keyed
             source = self._default_source(msg)
-            for env in decoded.envelopes:
-                for n in expand(
-                    env,
-                    default_source=source,
-                    record_time=record_time,
-                    summary_chars=self._policy.summary_chars,
-                    redactions=self._policy.redactions,
-                    content_keyed=decoded.content_keyed,
-                ):
-                    key = (n.user_id, n.idempotency_key)
-                    if key in notes:
-                        outcome.duplicates += 1
-                    else:
-                        notes[key] = n
-                        origin[n.id] = msg
+            for n in expand_all(
+                decoded.envelopes,
+                policy=self._policy,
+                default_source=source,
+                record_time=record_time,
+                content_keyed=decoded.content_keyed,
+            ):
+                key = (n.user_id, n.idempotency_key)
+                if key in notes:
+                    outcome.duplicates += 1
+                else:
+                    notes[key] = n
+                    origin[n.id] = msg
         outcome.invalid = len(dead)
         return list(notes.values()), dead, origin
 

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from config.settings import PolicySettings
 from core.errors import NotAnObject, NotJson, SchemaViolation, TooLarge
 from core.redaction import redact_then_truncate
 
@@ -337,3 +339,24 @@ def expand(
             )
         )
     return out
+
+
+def expand_all(
+    envelopes: Iterable[Envelope],
+    *,
+    policy: PolicySettings,
+    default_source: str,
+    record_time: datetime | None,
+    content_keyed: bool = False,
+) -> Iterator[Notification]:
+    """``expand`` with the policy's summary limit and redactions: what ingest, ``herald rules
+    test`` and the bench's baseline all do with the envelopes of one record."""
+    for env in envelopes:
+        yield from expand(
+            env,
+            default_source=default_source,
+            record_time=record_time,
+            summary_chars=policy.summary_chars,
+            redactions=policy.redactions,
+            content_keyed=content_keyed,
+        )

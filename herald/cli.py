@@ -193,7 +193,7 @@ def rules_test(
 ) -> dict[str, Any]:
     """The notifications a record would become, or why it would be dead-lettered (pure)."""
     from consumers.decode import Decoder
-    from core.envelope import expand
+    from core.envelope import expand_all
     from core.errors import InvalidEvent
 
     decoder = Decoder(max_bytes=settings.max_event_bytes, rules=rules)
@@ -203,18 +203,15 @@ def rules_test(
         return {"rejected": {"reason": exc.reason, "message": exc.message}}
     # As ingest does it: the herald-source header, else the stable default (never the topic).
     source = next((v.decode() for k, v in headers if k == "herald-source" and v), settings.default_source)
-    notes = [
-        n
-        for env in decoded.envelopes
-        for n in expand(
-            env,
+    notes = list(
+        expand_all(
+            decoded.envelopes,
+            policy=settings.policy,
             default_source=source,
             record_time=None,
-            summary_chars=settings.policy.summary_chars,
-            redactions=settings.policy.redactions,
             content_keyed=decoded.content_keyed,
         )
-    ]
+    )
     return {
         "via": decoded.via,
         "content_key": decoded.content_keyed,

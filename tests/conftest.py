@@ -103,3 +103,14 @@ def db(backend: Backend) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(backend.database_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {TABLES} CASCADE")
         yield conn
+
+
+@pytest.fixture
+def refuse_evil(db: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+    """A database-side rule the envelope does not know about (titles starting with "evil"),
+    standing in for any refusal PostgreSQL may make of a record that passed validation."""
+    db.execute("ALTER TABLE notifications ADD CONSTRAINT test_refuse_evil CHECK (title NOT LIKE 'evil%%')")
+    try:
+        yield
+    finally:
+        db.execute("ALTER TABLE notifications DROP CONSTRAINT test_refuse_evil")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import psycopg
 import pytest
@@ -39,15 +39,6 @@ def _metric(name: str, **labels: str) -> float:
 
 def _titles(db: Conn) -> set[str]:
     return {str(r[0]) for r in db.execute("SELECT title FROM notifications").fetchall()}
-
-
-@pytest.fixture
-def refuse_evil(db: Conn) -> Iterator[None]:
-    db.execute("ALTER TABLE notifications ADD CONSTRAINT test_refuse_evil CHECK (title NOT LIKE 'evil%%')")
-    try:
-        yield
-    finally:
-        db.execute("ALTER TABLE notifications DROP CONSTRAINT test_refuse_evil")
 
 
 class CountingDatabase(Database):

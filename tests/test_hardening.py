@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -37,15 +36,6 @@ def _email_on(settings: Settings, *users: str) -> None:
             set_preferences(database, u, {"email": True})
     finally:
         database.close()
-
-
-@pytest.fixture
-def refuse_evil(db: Conn) -> Iterator[None]:
-    db.execute("ALTER TABLE notifications ADD CONSTRAINT test_refuse_evil CHECK (title <> 'evil')")
-    try:
-        yield
-    finally:
-        db.execute("ALTER TABLE notifications DROP CONSTRAINT test_refuse_evil")
 
 
 def test_poison_among_ordinary_records_never_stalls_the_partition(

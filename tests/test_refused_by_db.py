@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 
@@ -14,16 +12,6 @@ from producers.topics import Topics
 from tests.helpers import event, ingest, produce
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def refuse_evil(db: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
-    """A database-side rule the envelope does not know about, standing in for any refusal."""
-    db.execute("ALTER TABLE notifications ADD CONSTRAINT test_refuse_evil CHECK (title <> 'evil')")
-    try:
-        yield
-    finally:
-        db.execute("ALTER TABLE notifications DROP CONSTRAINT test_refuse_evil")
 
 
 def test_refused_record_goes_to_dlq_and_the_batch_lands(

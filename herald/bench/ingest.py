@@ -39,7 +39,7 @@ from config.settings import Settings
 from consumers.ingest import BatchOutcome
 from consumers.loop import Stopper
 from core import metrics, policy
-from core.envelope import Notification, expand, parse
+from core.envelope import Notification, expand_all, parse
 from core.errors import ConfigError
 from core.policy import Preferences
 from herald.bench import common
@@ -523,13 +523,7 @@ def run_baseline(conn: Conn, settings: Settings, sample: Workload) -> BaselineRe
     with conn.cursor() as cur:
         for i, value in enumerate(values):
             env = parse(value, max_bytes=settings.max_event_bytes)
-            for n in expand(
-                env,
-                default_source=source,
-                record_time=None,
-                summary_chars=settings.policy.summary_chars,
-                redactions=settings.policy.redactions,
-            ):
+            for n in expand_all([env], policy=settings.policy, default_source=source, record_time=None):
                 inserted += _seed_event(cur, n, defaults, settings)
             before_commit = time.perf_counter()
             conn.commit()
