@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -114,3 +115,25 @@ def refuse_evil(db: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
         yield
     finally:
         db.execute("ALTER TABLE notifications DROP CONSTRAINT test_refuse_evil")
+
+
+@pytest.fixture
+def no_herald_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HERALD_* from the caller's shell, and no settings file: settings tests see defaults.
+
+    HERALD_CONFIG_FILE is set (empty: no file) so that monkeypatch removes it afterwards,
+    whatever a test wrote there: a file cannot leak into later tests' Settings().
+    """
+    for name in list(os.environ):
+        if name.startswith("HERALD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HERALD_CONFIG_FILE", "")
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port something else is listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])

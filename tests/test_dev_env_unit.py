@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,7 @@ digest_minutes = 11
 """
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("HERALD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HERALD_CONFIG_FILE", "")
+pytestmark = pytest.mark.usefixtures("no_herald_env")
 
 
 def dev_settings(path: Path) -> Settings:

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,14 +14,6 @@ from herald.embedded import free_port
 from tests.helpers import ROOT, herald_cli
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield int(s.getsockname()[1])
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:

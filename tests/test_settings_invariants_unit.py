@@ -26,13 +26,7 @@ INVARIANTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No HERALD_* from the caller's shell (see test_settings_unit.py)."""
-    for name in list(os.environ):
-        if name.startswith("HERALD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HERALD_CONFIG_FILE", "")
+pytestmark = pytest.mark.usefixtures("no_herald_env")
 
 
 def env_name(prop: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,18 +9,7 @@ from pydantic import ValidationError
 
 from config.settings import PolicySettings, Settings, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No HERALD_* from the caller's shell.
-
-    load_settings(path) writes HERALD_CONFIG_FILE into os.environ; setting it here first (empty: no
-    file) makes monkeypatch remove it afterwards, so the file cannot leak into later tests' Settings().
-    """
-    for name in list(os.environ):
-        if name.startswith("HERALD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HERALD_CONFIG_FILE", "")
+pytestmark = pytest.mark.usefixtures("no_herald_env")
 
 
 def toml(tmp_path: Path, text: str) -> Path:
