@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from core.envelope import (
+    BYTE_LIMITS,
     NOTIFICATION_NS,
     Envelope,
     content_key,
@@ -408,10 +409,37 @@ def test_lone_surrogates_from_decoded_objects_are_a_schema_violation() -> None:
 def test_summary_is_redacted_before_it_is_cut() -> None:
     """A card number across the 280-character boundary must not survive as a fragment."""
     body = "x" * 265 + " 4111 1111 1111 1111 declined"  # the cut falls inside the number
-    env = parsed(body=body)
+    env = parsed(body=body, severity="critical")
     patterns = (r"\b\d(?:[ -]?\d){12,18}\b",)
     summary = default_summary(env, 280, patterns)
     assert summary is not None and "4111" not in summary and "1111" not in summary
     unredacted_cut = default_summary(env, 280)
     assert unredacted_cut is not None and "4111 1111 11" in unredacted_cut  # the hazard is real
     assert redact(unredacted_cut, patterns) == unredacted_cut  # and redacting the cut misses it
+
+
+def test_every_character_limit_is_within_its_byte_limit() -> None:
+    """``check_storable``'s ASCII fast path relies on it: for ASCII, characters are bytes."""
+    for name, limit in BYTE_LIMITS.items():
+        field = Envelope.model_fields[name]
+        max_chars = next(m.max_length for m in field.metadata if hasattr(m, "max_length"))
+        assert max_chars <= limit, name
+
+
+def test_the_ascii_fast_path_still_checks_numbers() -> None:
+    with pytest.raises(SchemaViolation, match="non-finite"):
+        parse(b'{"id":"1","type":"t","title":"x","user_id":"u","data":{"a":NaN}}', max_bytes=1000)
+
+
+def test_an_escaped_non_ascii_id_is_held_to_its_byte_limit() -> None:
+    value = json.dumps(raw(user_id="\u20ac" * 150)).encode()  # ASCII on the wire, 450 bytes decoded
+    assert value.isascii()
+    with pytest.raises(SchemaViolation, match="user_id is 450 bytes"):
+        parse(value, max_bytes=10_000)
+
+
+def test_in_app_only_summaries_are_cut_but_not_scanned() -> None:
+    env = parsed(body="mail bob@example.com", severity="info")
+    assert default_summary(env, 280, (r"\S+@\S+",)) == "mail bob@example.com"
+    env = parsed(body="mail bob@example.com", severity="warning")
+    assert default_summary(env, 280, (r"\S+@\S+",)) == "mail [redacted]"
