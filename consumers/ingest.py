@@ -180,7 +180,7 @@ class IngestHandler:
             if name != SOURCE_HEADER:
                 continue
             text = value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
-            if 0 < len(text.encode()) <= BYTE_LIMITS["source"]:
+            if 0 < len(text.encode()) <= BYTE_LIMITS["source"] and text.isprintable():
                 return text
         return self._settings.default_source
 

@@ -47,7 +47,9 @@ def classify(exc: psycopg.Error) -> HeraldError:
     """One place that says what a PostgreSQL error means for the batch that met it."""
     state = exc.sqlstate or ""
     text = f"PostgreSQL: {describe(exc)}"
-    if state[:2] in _RECORD_CLASSES:
+    if state[:2] in _RECORD_CLASSES or (not state and isinstance(exc, psycopg.DataError)):
+        # psycopg raises DataError itself, with no SQLSTATE, for values it cannot send
+        # (a NUL in a text value): the record's fault as much as the server's 22 class.
         return RecordRejected(text)
     if state[:2] in _OUTAGE_CLASSES or (not state and isinstance(exc, psycopg.OperationalError)):
         return DatabaseUnavailable(text)

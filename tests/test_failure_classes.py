@@ -163,6 +163,11 @@ def test_each_sqlstate_class_maps_to_its_family(db: Conn) -> None:
         "SELECT no_such_column FROM notifications": DatabaseMisconfigured,  # 42703
         "SELECT pg_sleep(2)": DatabaseUnavailable,  # 57014 under a statement timeout
     }
+    # psycopg refuses a NUL in a text value itself, with no SQLSTATE: still the record's fault.
+    with pytest.raises(psycopg.DataError) as client_side:
+        db.execute("SELECT %s::text", ("a\x00b",))
+    assert client_side.value.sqlstate is None
+    assert isinstance(classify(client_side.value), RecordRejected)
     db.execute("SET statement_timeout = 200")
     try:
         for sql, family in cases.items():

@@ -115,6 +115,15 @@ def test_a_herald_source_header_names_the_source(settings: Settings, db: Conn) -
     assert row[0] == "stripe-eu" and row[1] == f"s:9:stripe-eu:{e['id']}"
 
 
+def test_an_unusable_herald_source_header_falls_back_to_the_default(settings: Settings, db: Conn) -> None:
+    """A NUL or a control character would be refused by PostgreSQL (or by psycopg itself)."""
+    positions = produce(settings, [event()], headers=[("herald-source", b"bad\x00source")])
+    positions += produce(settings, [event()], headers=[("herald-source", b"line\nbreak")])
+    ingest(settings, positions)
+    sources = {str(r[0]) for r in db.execute("SELECT source FROM notifications").fetchall()}
+    assert sources == {settings.default_source}
+
+
 def test_a_concurrent_duplicate_insert_does_nothing_instead_of_raising(settings: Settings, db: Conn) -> None:
     """Two ingest processes, the same event, overlapping transactions: no unique_violation."""
     [note] = expand(
