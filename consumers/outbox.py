@@ -80,7 +80,6 @@ class OutboxRelay:
         self._topics = topics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.relayed = 0
 
     def run_once(self) -> int:
         """Publish every stranded row, page by page; returns how many."""
@@ -97,7 +96,6 @@ class OutboxRelay:
         if total:
             metrics.ingest().outbox_relayed.inc(total)
             log.warning("outbox relay: published %d delivery rows that were left unpublished", total)
-        self.relayed += total
         return total
 
     def start(self) -> None:

@@ -22,16 +22,24 @@ def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
+# Texts up to this long are cached: titles and summaries repeat (one per channel, and the
+# same job failing). Whole bodies (up to 10,000 characters, rarely repeated) are not: the
+# cache would hold megabytes of them for no hits.
+CACHED_CHARS = 512
+
+
 def redact(text: str | None, patterns: tuple[str, ...]) -> str | None:
     """Mask what the redaction list matches."""
     if text is None or not patterns:
         return text
-    return _redacted(text, patterns)
+    if len(text) <= CACHED_CHARS:
+        return _redacted(text, patterns)
+    rx = _compiled(patterns)
+    return text if rx is None else rx.sub(MASK, text)
 
 
 @lru_cache(maxsize=8192)
 def _redacted(text: str, patterns: tuple[str, ...]) -> str:
-    # Cached: titles and summaries repeat (one per channel, and the same job failing).
     rx = _compiled(patterns)
     return text if rx is None else rx.sub(MASK, text)
 

@@ -57,10 +57,6 @@ def classify(exc: psycopg.Error) -> HeraldError:
     return DatabaseMisconfigured(text, hint or "an operator must look at PostgreSQL's log")
 
 
-def is_retryable(exc: psycopg.Error) -> bool:
-    return not isinstance(classify(exc), RecordRejected)
-
-
 def session_options(
     *, statement_timeout_ms: int, idle_in_transaction_timeout_ms: int, keepalives_idle_s: int
 ) -> dict[str, Any]:

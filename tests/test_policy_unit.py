@@ -258,3 +258,12 @@ def test_external_record_is_redacted_and_carries_no_body_or_data() -> None:
         None,
         "/invoices/1",
     )
+
+
+def test_long_texts_are_redacted_too_without_filling_the_cache() -> None:
+    from core.redaction import CACHED_CHARS, _redacted
+
+    text = "x " * CACHED_CHARS + "mail bob@example.com"
+    before = _redacted.cache_info().currsize
+    assert redact(text, DEFAULT_REDACTIONS) == "x " * CACHED_CHARS + "mail [redacted]"
+    assert _redacted.cache_info().currsize == before
