@@ -1,0 +1,96 @@
+"""What every herald HTTP front (the receiver, the API) shares: serving, health, errors.
+
+Built on Starlette and uvicorn. One error format everywhere: RFC 9457 problem details
+(``application/problem+json``), so clients parse a single shape whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from core.errors import ConfigError
+from core.http import Health
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """An RFC 9457 problem details response: ``type`` is about:blank, ``title`` the short
+    reason and ``detail`` what this request did wrong (never a payload, never a secret)."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def healthz_route(health: Health | Callable[[], tuple[bool, str]]) -> Route:
+    """``GET /healthz``: 200 with ``ok``, or 503 with the reason, from a Health or a check."""
+
+    async def healthz(_: Request) -> Response:
+        if isinstance(health, Health):
+            ok, status = health.ok(), health.status()
+        else:
+            ok, status = health()
+        return PlainTextResponse(f"{status}\n", status_code=200 if ok else 503)
+
+    return Route("/healthz", healthz, methods=["GET"])
+
+
+def bind(host: str, port: int, setting: str) -> socket.socket:
+    """Bind the listening socket up front, so a busy port is a one-line ``ConfigError``
+    naming ``setting`` (for example ``HERALD_API__PORT``) rather than a uvicorn traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is in use: set {setting} to a free port, or 0 to pick one") from exc
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}: check {setting}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bound_port(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) -> uvicorn.Server:
+    """A uvicorn server for ``app``, without access logs (they would print paths with tokens).
+
+    ``server(app).run(sockets=[bind(...)])`` serves until SIGTERM or SIGINT, then stops
+    accepting, finishes requests in flight (up to ``graceful_s``) and runs the app's
+    lifespan shutdown, where an app flushes what it holds.
+    """
+    config = uvicorn.Config(
+        app,
+        log_level=log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(graceful_s),
+        server_header=False,
+        proxy_headers=False,
+    )
+    return uvicorn.Server(config)
