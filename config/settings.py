@@ -101,6 +101,55 @@ class PolicySettings(BaseModel):
         return self.rate_limits.get(channel, 1_000_000)
 
 
+_DURATION = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """``5s``, ``1m``, ``30m``, ``2h``, ``500ms`` as seconds; the form retry topics are named in."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration: a number and a unit (ms, s, m, h), like 5s or 30m")
+    return int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+class DeliverySettings(BaseModel):
+    """Channel consumers: retry tiers, attempts, and the lease on a claimed delivery."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # One retry topic per tier, named by its delay (herald.deliveries.webhook.retry.5s);
+    # the last tier repeats until max_attempts.
+    retry_tiers: tuple[str, ...] = ("5s", "1m", "5m", "30m")
+    max_attempts: int = Field(default=8, ge=1)
+    # How long a claimed ('sending') row is ours; a consumer that dies mid-send loses it after this.
+    lease_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("retry_tiers")
+    @classmethod
+    def _tiers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("give at least one retry tier, like [\"5s\", \"1m\"]")
+        seconds = [duration_seconds(t) for t in value]
+        if seconds != sorted(seconds) or len(set(seconds)) != len(seconds):
+            raise ValueError(f"retry tiers must grow: {list(value)}")
+        return value
+
+    def tier_seconds(self) -> list[float]:
+        return [duration_seconds(t) for t in self.retry_tiers]
+
+
+class WebhookSettings(BaseModel):
+    """The outbound webhook provider."""
+
+    model_config = ConfigDict(frozen=True)
+
+    timeout_s: float = Field(default=10.0, gt=0)
+    # Loopback, private, link-local and multicast targets are refused unless this is set
+    # (herald dev sets it: its receivers are on loopback).
+    allow_private_targets: bool = False
+
+
 class Settings(BaseSettings):
     """Everything a herald process needs, read once in ``main``."""
 
@@ -146,10 +195,21 @@ class Settings(BaseSettings):
     metrics_port: int = 9400
 
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    # The product's web app: the base of relative target_urls in external messages.
+    app_url: str | None = None
     # Mapping rules for events in other shapes (TOML, see config/rules/); None: native
     # envelopes and CloudEvents only.
     rules_file: Path | None = None
     log_level: str = "INFO"
+
+    @field_validator("app_url")
+    @classmethod
+    def _absolute_app_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/?#\s]+", value):
+            raise ValueError(f"HERALD_APP_URL must be an absolute http(s) URL, got {value!r}")
+        return value
 
     @field_validator("kafka", mode="before")
     @classmethod

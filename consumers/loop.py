@@ -22,6 +22,15 @@ hand and retries it with doubling backoff: no offset moves and nothing goes to a
 dead-letter topic. A failed commit in step 3 (the group rebalanced under us)
 drops the batch uncommitted and rewinds to its first offsets; whoever owns the
 partitions next processes it again, which the handlers make idempotent.
+
+A handler may leave the tail of a partition for later (a retry record not yet due, a
+delivery another consumer still holds): ``apply`` returns a ``Deferral`` per such
+partition. The loop commits what came before it, seeks the partition back to it and
+pauses only that partition until the deferral's time; other partitions keep flowing, and
+the loop never sleeps for it. A handler may also have optional hooks: ``interrupt()``
+(a rebalance is revoking partitions: give up slow work in hand, so that the rebalance
+never waits on a provider's timeout), ``on_assign``/``on_revoke`` (partitions gained or
+lost) and ``tick()`` (called once per loop turn, with or without records).
 """
 
 from __future__ import annotations
@@ -54,12 +63,27 @@ from producers.publisher import KAFKA_LOG
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """Leave ``topic[partition]`` from ``offset`` on unprocessed until ``resume_at`` (epoch s)."""
+
+    topic: str
+    partition: int
+    offset: int
+    resume_at: float
+
+
 class BatchHandler(Protocol):
     def prepare(self, messages: Sequence[Message]) -> Any:
         """Pure CPU work on a batch, no I/O; may run while the previous batch is applied."""
 
-    def apply(self, prepared: Any) -> None:
-        """Make the batch durable, or raise. Must be idempotent: a batch can come twice."""
+    def apply(self, prepared: Any) -> Sequence[Deferral] | None:
+        """Make the batch durable, or raise. Must be idempotent: a batch can come twice.
+
+        May return deferrals: per partition, the first record left for later. Everything
+        before it is done. ``apply`` is called again with the same ``prepared`` after a
+        retryable error, so a handler can keep what it already did on it.
+        """
 
 
 class CallableHandler:
@@ -76,9 +100,15 @@ class CallableHandler:
 
 
 @dataclass
+class Applied:
+    done: bool  # False: stopped (or out of time) before the batch was durable
+    deferrals: Sequence[Deferral] = ()
+
+
+@dataclass
 class InFlight:
     batch: list[Message]
-    future: Future[bool]
+    future: Future[Applied]
 
 
 def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
@@ -165,6 +195,11 @@ class BatchLoop:
         self._group = group
         self._next_lag_report = 0.0
         self._metrics = metrics.loop()
+        # Partitions paused by a deferral: (topic, partition) -> when to resume (epoch s).
+        self._paused: dict[tuple[str, int], float] = {}
+        # Set by _drain: partitions the batch in flight deferred, so that the batch polled
+        # meanwhile drops its records of them (they come again after the seek).
+        self._just_deferred: set[tuple[str, int]] = set()
 
     def run(
         self,
@@ -189,12 +224,23 @@ class BatchLoop:
                     break
                 self.health.beat()
                 self._report_lag()
+                self._resume_due()
+                self._tick()
                 batch = self._poll()  # may run _on_revoke, which drains the batch in flight
                 prepared = self._handler.prepare(batch) if batch else None
                 if not self._drain():
                     # Batch N was dropped and rewound; N+1 was polled past it: drop it too.
                     self._rewind(batch)
                     continue
+                if batch and self._just_deferred:
+                    # N+1 was polled past a partition that N deferred: those records come again.
+                    kept = [
+                        m for m in batch if (m.topic() or "", m.partition() or 0) not in self._just_deferred
+                    ]
+                    if len(kept) != len(batch):
+                        batch = kept
+                        prepared = self._handler.prepare(batch) if batch else None
+                self._just_deferred = set()
                 if batch:
                     last_data = time.monotonic()
                     future = self._worker.submit(self._apply, batch, prepared)
@@ -209,18 +255,59 @@ class BatchLoop:
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return True
-        if not flight.future.result():  # re-raises what apply raised (not retryable)
+        applied = flight.future.result()  # re-raises what apply raised (not retryable)
+        if not applied.done:
             return False
+        deferred = {(d.topic, d.partition): d for d in applied.deferrals}
         try:
-            self._commit(flight.batch)
+            self._commit(flight.batch, deferred)
         except AssignmentLost as exc:
             self._metrics.assignment_lost.labels(self._name).inc()
             log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
             self._rewind(flight.batch)
             return False
+        self._just_deferred = {key for key, d in deferred.items() if self._defer(d)}
+        done = [m for m in flight.batch if not _left(m, deferred)]
         self._stats.batches += 1
-        self._stats.messages += len(flight.batch)
+        self._stats.messages += len(done)
         return True
+
+    def _defer(self, d: Deferral) -> bool:
+        """Pause the partition and seek it back to the deferred record; resume at its time."""
+        tp = TopicPartition(d.topic, d.partition, d.offset)
+        try:
+            self._consumer.pause([tp])
+            self._consumer.seek(tp)
+        except KafkaException as exc:
+            # No longer ours (a rebalance): the next owner starts from the committed offset.
+            log.debug("%s: cannot defer %s[%d]: %s", self._name, d.topic, d.partition, exc)
+            return False
+        self._paused[(d.topic, d.partition)] = d.resume_at
+        return True
+
+    def _resume_due(self) -> None:
+        if not self._paused:
+            return
+        now = time.time()
+        due = [key for key, at in self._paused.items() if at <= now]
+        if not due:
+            return
+        for key in due:
+            del self._paused[key]
+        try:
+            self._consumer.resume([TopicPartition(t, p) for t, p in due])
+        except KafkaException as exc:
+            log.debug("%s: resume: %s", self._name, exc)
+
+    def _tick(self) -> None:
+        tick = getattr(self._handler, "tick", None)
+        if tick is not None:
+            tick()
+
+    @property
+    def paused(self) -> dict[tuple[str, int], float]:
+        """Partitions held back by a deferral, and when each resumes (epoch seconds)."""
+        return dict(self._paused)
 
     def _poll(self) -> list[Message]:
         s = self._settings
@@ -254,7 +341,7 @@ class BatchLoop:
         log.error("%s", self._fatal)
         raise self._fatal
 
-    def _apply(self, batch: list[Message], prepared: Any) -> bool:
+    def _apply(self, batch: list[Message], prepared: Any) -> Applied:
         """Step 2 on the worker, retried in hand while retryable; False if stopped (or out of time).
 
         Backoff doubles from ``db_backoff_min_ms`` to ``db_backoff_max_ms``, with equal
@@ -265,8 +352,7 @@ class BatchLoop:
         backoff = self._settings.db_backoff_min_ms / 1000
         while True:
             try:
-                self._handler.apply(prepared)
-                return True
+                return Applied(True, self._handler.apply(prepared) or ())
             except RetryableError as exc:
                 self._count_retry(exc)
                 wait = backoff / 2 + random.uniform(0, backoff / 2)  # noqa: S311 (jitter, not a secret)
@@ -277,7 +363,7 @@ class BatchLoop:
                 if self.stopper.event.wait(wait) or (
                     self._deadline is not None and time.monotonic() >= self._deadline
                 ):
-                    return False
+                    return Applied(False)
                 self.health.beat()
                 backoff = min(backoff * 2, self._settings.db_backoff_max_ms / 1000)
 
@@ -290,8 +376,13 @@ class BatchLoop:
         else:
             m.broker_unavailable.labels(self._name).inc()
 
-    def _commit(self, batch: Sequence[Message]) -> None:
-        offsets = next_offsets(batch)
+    def _commit(self, batch: Sequence[Message], deferred: dict[tuple[str, int], Deferral]) -> None:
+        offsets = [
+            TopicPartition(tp.topic, tp.partition, deferred[(tp.topic, tp.partition)].offset)
+            if (tp.topic, tp.partition) in deferred
+            else tp
+            for tp in next_offsets(batch)
+        ]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
@@ -328,10 +419,31 @@ class BatchLoop:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self._name, _describe(partitions))
+        hook = getattr(self._handler, "on_assign", None)
+        if hook is not None:
+            hook(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Finish and commit the batch in flight while the partitions are still ours.
+        # Finish and commit the batch in flight while the partitions are still ours; a
+        # handler with slow work in hand (a provider's timeout) gives it up first.
+        interrupt = getattr(self._handler, "interrupt", None)
+        if interrupt is not None and self._in_flight is not None:
+            interrupt()
         self._drain()
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._just_deferred -= gone
+        held = [TopicPartition(t, p) for (t, p) in self._paused if (t, p) in gone]
+        for t, p in list(self._paused):
+            if (t, p) in gone:
+                del self._paused[(t, p)]
+        if held:
+            try:  # the next owner of these partitions starts them unpaused
+                self._consumer.resume(held)
+            except KafkaException:
+                pass
+        hook = getattr(self._handler, "on_revoke", None)
+        if hook is not None:
+            hook(partitions)
         log.info("%s: revoked %s", self._name, _describe(partitions))
 
     def _close(self) -> None:
@@ -380,6 +492,12 @@ def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
         if off + 1 > top.get(key, -1):
             top[key] = off + 1
     return [TopicPartition(t, p, o) for (t, p), o in sorted(top.items())]
+
+
+def _left(m: Message, deferred: dict[tuple[str, int], Deferral]) -> bool:
+    """True when ``m`` is at or after its partition's deferral (left for later)."""
+    d = deferred.get((m.topic() or "", m.partition() or 0))
+    return d is not None and (m.offset() or 0) >= d.offset
 
 
 def first_offsets(batch: Sequence[Message]) -> list[TopicPartition]:

@@ -109,3 +109,67 @@ def ingest() -> IngestMetrics:
     for outcome in INGEST_OUTCOMES:
         m.events.labels(outcome)
     return m
+
+
+@dataclass(frozen=True)
+class DeliverMetrics:
+    """``herald deliver --channel C``'s own (label ``channel``)."""
+
+    sends: Counter
+    send_seconds: Histogram
+    deliveries: Counter
+    skipped: Counter
+    retried: Counter
+    dead_letters: Counter
+    deferred: Counter
+    endpoints_disabled: Counter
+
+
+@cache
+def deliver() -> DeliverMetrics:
+    return DeliverMetrics(
+        sends=Counter(
+            "herald_deliver_sends",
+            "Sends to one endpoint, by outcome: ok, transient, permanent, gone.",
+            ["channel", "outcome"],
+        ),
+        send_seconds=Histogram(
+            "herald_deliver_send_seconds",
+            "Wall time of one send to one endpoint, answer or timeout included.",
+            ["channel"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        ),
+        deliveries=Counter(
+            "herald_deliver_deliveries",
+            "Deliveries finished, by the status they ended in: sent, failed, skipped.",
+            ["channel", "status"],
+        ),
+        skipped=Counter(
+            "herald_deliver_skipped",
+            "Delivery records not sent because their row is final (sent, failed, skipped, ...) or "
+            "because a later stage of the delivery exists (stale): duplicates after a crash or replay.",
+            ["channel", "reason"],
+        ),
+        retried=Counter(
+            "herald_deliver_retried",
+            "Deliveries sent to a retry topic, by tier.",
+            ["channel", "tier"],
+        ),
+        dead_letters=Counter(
+            "herald_deliver_dead_letters",
+            "Deliveries sent to the channel's dead-letter topic, by reason: "
+            "permanent, exhausted, endpoint_gone.",
+            ["channel", "reason"],
+        ),
+        deferred=Counter(
+            "herald_deliver_deferred",
+            "Partitions paused because their head record is not due yet (due) or its delivery is "
+            "held by another consumer's lease (leased).",
+            ["channel", "why"],
+        ),
+        endpoints_disabled=Counter(
+            "herald_deliver_endpoints_disabled",
+            "Endpoints disabled because they answered 410 Gone.",
+            ["channel"],
+        ),
+    )

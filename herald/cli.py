@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import sys
@@ -47,6 +48,23 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     stopper.install()
     run_ingest(
         settings, group=args.group, stopper=stopper, max_messages=args.max_messages, timeout=args.timeout
+    )
+    return 0
+
+
+def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.loop import Stopper
+    from herald.processes import run_deliver
+
+    stopper = Stopper()
+    stopper.install()
+    run_deliver(
+        settings,
+        args.channel,
+        group=args.group,
+        stopper=stopper,
+        max_messages=args.max_messages,
+        timeout=args.timeout,
     )
     return 0
 
@@ -102,14 +120,33 @@ def cmd_endpoints(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.endpoints_command == "add":
             address = _check_endpoint(args.channel, args.address)
-            add_endpoint(db, args.user, args.channel, address)
+            secret = _webhook_secret(args) if args.channel == "webhook" else None
+            add_endpoint(db, args.user, args.channel, address, secret)
             print(f"added {args.channel} endpoint for {args.user}")
+            if secret is not None and args.secret is None:
+                # Printed once: herald keeps it to sign, the receiver needs it to verify.
+                print(f"signing secret (shown once; verify webhook-signature with it): {secret}")
         else:
             for channel, address in list_endpoints(db, args.user):
                 print(f"{channel}\t{address}")
     finally:
         db.close()
     return 0
+
+
+def _webhook_secret(args: argparse.Namespace) -> str:
+    from channels.webhook import new_secret
+
+    if args.secret is None:
+        return new_secret()
+    secret = str(args.secret)
+    try:
+        ok = secret.startswith("whsec_") and len(base64.b64decode(secret[6:], validate=True)) >= 16
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError("--secret must be whsec_ followed by base64 of at least 16 random bytes")
+    return secret
 
 
 def _check_endpoint(channel: str, address: str) -> str:
@@ -277,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
     s.set_defaults(func=cmd_ingest)
 
+    s = sub.add_parser(
+        "deliver",
+        help="send one channel's deliveries (its topic and retry topics) to the users' endpoints",
+        description="Reads <prefix>.deliveries.<channel> and its retry topics; retries transient "
+        "failures through HERALD_DELIVERY__RETRY_TIERS and dead-letters the rest to "
+        "<prefix>.deliveries.<channel>.dlq.",
+    )
+    s.add_argument("--channel", required=True, choices=["webhook"], help="the channel to deliver")
+    s.add_argument("--group", help="consumer group (default herald-deliver-<channel>)")
+    s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
+    s.set_defaults(func=cmd_deliver)
+
     s = sub.add_parser("produce", help="produce events (JSON, one per argument or stdin line)")
     s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none")
     s.add_argument("--topic", help="default: <prefix>.events")
@@ -300,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("user")
     ea.add_argument("channel", choices=CHANNELS)
     ea.add_argument("address")
+    ea.add_argument(
+        "--secret",
+        metavar="whsec_...",
+        help="webhook only: the signing secret to use (default: a new one, printed once)",
+    )
     el = esub.add_parser("list", help="list a user's endpoints")
     el.add_argument("user")
     s.set_defaults(func=cmd_endpoints)

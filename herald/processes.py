@@ -7,12 +7,16 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from channels.base import Provider
+from channels.webhook import WebhookProvider
 from config.settings import Settings
 from consumers.decode import Decoder
+from consumers.deliver import DeliverHandler
 from consumers.ingest import IngestHandler
 from consumers.loop import BatchLoop, RunStats, Stopper
 from consumers.outbox import OutboxRelay
 from consumers.rules import RuleSet
+from core.errors import ConfigError
 from core.http import Health, serve
 from producers.publisher import KafkaPublisher
 from producers.topics import Topics, ensure_topics
@@ -21,6 +25,18 @@ from storage.db import Database
 log = logging.getLogger(__name__)
 
 INGEST_GROUP = "herald-ingest"
+# Channels with a provider: `herald deliver --channel` takes these, `herald dev` runs one each.
+PROVIDERS = ("webhook",)
+
+
+def deliver_group(channel: str) -> str:
+    return f"herald-deliver-{channel}"
+
+
+def build_provider(settings: Settings, channel: str) -> Provider:
+    if channel == "webhook":
+        return WebhookProvider(settings)
+    raise ConfigError(f"no provider for channel {channel!r} yet: choose one of {', '.join(PROVIDERS)}")
 
 
 def herald_command(*args: str) -> list[str]:
@@ -98,3 +114,52 @@ def run_ingest(
             t.invalid,
         )
     return IngestRun(stats, handler)
+
+
+@dataclass
+class DeliverRun:
+    stats: RunStats
+    loop: BatchLoop
+
+
+def run_deliver(
+    settings: Settings,
+    channel: str,
+    *,
+    group: str | None = None,
+    stopper: Stopper | None = None,
+    max_messages: int | None = None,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+) -> DeliverRun:
+    """Build and run one channel's deliverer: its main topic and its retry topics."""
+    provider = build_provider(settings, channel)
+    topics = Topics(settings.topic_prefix)
+    tiers = settings.delivery.retry_tiers
+    health = Health()
+    with ExitStack() as stack:
+        if settings.metrics_port >= 0:
+            server = serve(settings.metrics_host, settings.metrics_port, health)
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+        reads = topics.channel_topics(channel, tiers)
+        ensure_topics(settings, [*reads, topics.deliveries_dlq(channel)])
+        db = Database.from_settings(settings)
+        stack.callback(db.close)
+        publisher = KafkaPublisher(settings)
+        stack.callback(publisher.close)
+        handler = DeliverHandler(settings, db, publisher, provider, topics=topics)
+        stack.callback(handler.close)
+        loop = BatchLoop(
+            settings,
+            name=f"deliver-{channel}",
+            group=group or deliver_group(channel),
+            topics=reads,
+            handler=handler,
+            stopper=stopper,
+            health=health,
+        )
+        log.info("deliver-%s: reading %s", channel, ", ".join(reads))
+        stats = loop.run(max_messages=max_messages, timeout=timeout, idle_timeout=idle_timeout)
+        log.info("deliver-%s stopped: %d records in %d batches", channel, stats.messages, stats.batches)
+    return DeliverRun(stats, loop)

@@ -37,6 +37,17 @@ class Topics:
     def deliveries(self, channel: str) -> str:
         return f"{self.prefix}.deliveries.{channel}"
 
+    def retry(self, channel: str, tier: str) -> str:
+        """A retry topic, named by its delay: ``herald.deliveries.email.retry.5s``."""
+        return f"{self.prefix}.deliveries.{channel}.retry.{tier}"
+
+    def deliveries_dlq(self, channel: str) -> str:
+        return f"{self.prefix}.deliveries.{channel}.dlq"
+
+    def channel_topics(self, channel: str, tiers: Iterable[str]) -> list[str]:
+        """What a channel's deliverer reads (its main topic, then its retry tiers)."""
+        return [self.deliveries(channel), *(self.retry(channel, t) for t in tiers)]
+
     def ingest_topics(self) -> list[str]:
         """What the ingest process reads and writes."""
         out = [self.events, self.events_dlq, self.digests_pending]

@@ -27,7 +27,10 @@ from herald.embedded import EmbeddedBroker, EmbeddedPostgres
 from storage.migrate import migrate
 from tests.helpers import make_settings
 
-TABLES = "notifications, deliveries, notification_preferences, channel_endpoints, digest_windows, rate_limits"
+TABLES = (
+    "notifications, deliveries, delivery_attempts, notification_preferences, channel_endpoints,"
+    " digest_windows, rate_limits"
+)
 
 
 @dataclass

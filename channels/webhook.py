@@ -1,0 +1,152 @@
+"""The outbound webhook: a JSON POST signed per the Standard Webhooks spec.
+
+Headers: ``webhook-id`` (the delivery id: the same on every retry, so a receiver dedupes
+on it), ``webhook-timestamp`` (seconds since the epoch) and ``webhook-signature``
+(``v1,`` + base64 HMAC-SHA256 over ``id.timestamp.body`` with the endpoint's ``whsec_``
+secret), signed by the spec's own library. One async client per process reuses
+connections; redirects are never followed (a 3xx is a permanent failure: the endpoint
+must name its real URL), and every connection goes through the SSRF guard.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from channels.base import Endpoint, SendResult
+from channels.net import TargetRefused, guarded_transport
+from config.settings import Settings
+from core import __version__
+
+log = logging.getLogger(__name__)
+
+# A Retry-After longer than this is read as this: a tier still has to pick it.
+MAX_RETRY_AFTER_S = 24 * 3600.0
+
+
+def new_secret() -> str:
+    """A fresh signing secret in the ``whsec_`` format (24 random bytes, base64)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def absolute_url(target_url: str | None, app_url: str | None) -> str | None:
+    """A relative ``target_url`` joined to ``HERALD_APP_URL``; without one, sent as it is."""
+    if not target_url or target_url.startswith(("https://", "http://")) or not app_url:
+        return target_url
+    return app_url.rstrip("/") + "/" + target_url.lstrip("/")
+
+
+def notification_body(delivery: dict[str, Any], app_url: str | None) -> dict[str, Any]:
+    """DESIGN.md's webhook body, from the delivery record (already redacted by ingest)."""
+    return {
+        "type": "notification",
+        "id": delivery["delivery_id"],
+        "notification_id": delivery["notification_id"],
+        "user_id": delivery["user_id"],
+        "severity": delivery["severity"],
+        "category": delivery.get("category"),
+        "title": delivery["title"],
+        "summary": delivery.get("summary"),
+        "url": absolute_url(delivery.get("target_url"), app_url),
+        "occurred_at": delivery["occurred_at"],
+    }
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value (Standard Webhooks v1)."""
+    return Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """HTTP ``Retry-After``: delay-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, delay), MAX_RETRY_AFTER_S)
+
+
+def classify(response: httpx.Response) -> SendResult:
+    """What an HTTP answer means for this delivery."""
+    code = response.status_code
+    if 200 <= code < 300:
+        return SendResult("ok", code, provider_message_id=response.headers.get("x-request-id"))
+    if code == 410:
+        return SendResult("gone", code, error="410 Gone: the endpoint is disabled")
+    if code == 429 or code == 408 or code >= 500:
+        retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        return SendResult("transient", code, error=f"HTTP {code}", retry_after_s=retry_after)
+    if 300 <= code < 400:
+        return SendResult("permanent", code, error=f"HTTP {code}: redirects are not followed")
+    return SendResult("permanent", code, error=f"HTTP {code}")
+
+
+class WebhookProvider:
+    channel = "webhook"
+
+    def __init__(self, settings: Settings) -> None:
+        self._app_url = settings.app_url
+        self._timeout = settings.webhook.timeout_s
+        self._allow_private = settings.webhook.allow_private_targets
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        # Made on first use, on the loop that sends (httpx binds its pool to that loop).
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=guarded_transport(self._allow_private),
+                timeout=httpx.Timeout(self._timeout),
+                follow_redirects=False,
+                trust_env=False,  # no proxy from the environment: the guard must see the target
+                headers={"user-agent": f"herald/{__version__}"},
+            )
+        return self._client
+
+    async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
+        if not endpoint.secret:
+            return SendResult("permanent", error="the endpoint has no signing secret: add it again")
+        body = json.dumps(notification_body(delivery, self._app_url), separators=(",", ":")).encode()
+        msg_id = str(delivery["delivery_id"])
+        ts = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign(endpoint.secret, msg_id, ts, body),
+        }
+        try:
+            response = await self._http().post(endpoint.address, content=body, headers=headers)
+        except TargetRefused as exc:
+            return SendResult("permanent", error=str(exc))
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            return SendResult("permanent", error=f"not a usable URL: {exc}")
+        except httpx.TimeoutException:
+            return SendResult("transient", error=f"timed out after {self._timeout:g}s")
+        except httpx.TransportError as exc:
+            return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
+        result = classify(response)
+        if result.outcome == "ok" and result.provider_message_id is None:
+            result = SendResult("ok", result.status_code, provider_message_id=msg_id)
+        return result
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
