@@ -129,7 +129,7 @@ class DeliverySettings(BaseModel):
     @classmethod
     def _tiers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
-            raise ValueError("give at least one retry tier, like [\"5s\", \"1m\"]")
+            raise ValueError('give at least one retry tier, like ["5s", "1m"]')
         seconds = [duration_seconds(t) for t in value]
         if seconds != sorted(seconds) or len(set(seconds)) != len(seconds):
             raise ValueError(f"retry tiers must grow: {list(value)}")
