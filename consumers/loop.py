@@ -197,9 +197,13 @@ class BatchLoop:
         self._metrics = metrics.loop()
         # Partitions paused by a deferral: (topic, partition) -> when to resume (epoch s).
         self._paused: dict[tuple[str, int], float] = {}
-        # Set by _drain: partitions the batch in flight deferred, so that the batch polled
-        # meanwhile drops its records of them (they come again after the seek).
-        self._just_deferred: set[tuple[str, int]] = set()
+        # Partitions whose records the batch polled meanwhile must drop (they come again):
+        # True when already repositioned (a deferral's seek), False when still to rewind
+        # (revoked while the loop waited on the batch in flight).
+        self._skip_next: dict[tuple[str, int], bool] = {}
+        self._last_drain = True
+        self._waiting = False  # in _await, serving rebalance callbacks
+        self._in_callback = False
 
     def run(
         self,
@@ -232,15 +236,16 @@ class BatchLoop:
                     # Batch N was dropped and rewound; N+1 was polled past it: drop it too.
                     self._rewind(batch)
                     continue
-                if batch and self._just_deferred:
-                    # N+1 was polled past a partition that N deferred: those records come again.
-                    kept = [
-                        m for m in batch if (m.topic() or "", m.partition() or 0) not in self._just_deferred
-                    ]
-                    if len(kept) != len(batch):
-                        batch = kept
+                if batch and self._skip_next:
+                    # N+1 was polled past a partition that N deferred, or that a rebalance took
+                    # while N was applied: those records come again.
+                    skip, self._skip_next = self._skip_next, {}
+                    dropped = [m for m in batch if _key(m) in skip]
+                    if dropped:
+                        self._rewind([m for m in dropped if not skip[_key(m)]])
+                        batch = [m for m in batch if _key(m) not in skip]
                         prepared = self._handler.prepare(batch) if batch else None
-                self._just_deferred = set()
+                self._skip_next = {}
                 if batch:
                     last_data = time.monotonic()
                     future = self._worker.submit(self._apply, batch, prepared)
@@ -251,10 +256,22 @@ class BatchLoop:
         return stats
 
     def _drain(self) -> bool:
-        """Wait for the batch in flight and commit it; False if it was dropped uncommitted."""
-        flight, self._in_flight = self._in_flight, None
+        """Wait for the batch in flight and commit it; False if it was dropped uncommitted.
+
+        While it waits, the loop keeps serving the group protocol (see ``_await``); a revoke
+        served there drains the same batch itself, and this call returns what that one did.
+        """
+        flight = self._in_flight
         if flight is None:
             return True
+        self._await(flight)
+        if self._in_flight is not flight:
+            return self._last_drain  # drained by _on_revoke inside _await
+        self._in_flight = None
+        self._last_drain = self._finish(flight)
+        return self._last_drain
+
+    def _finish(self, flight: InFlight) -> bool:
         applied = flight.future.result()  # re-raises what apply raised (not retryable)
         if not applied.done:
             return False
@@ -266,11 +283,59 @@ class BatchLoop:
             log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
             self._rewind(flight.batch)
             return False
-        self._just_deferred = {key for key, d in deferred.items() if self._defer(d)}
+        for key, d in deferred.items():
+            if self._defer(d):
+                self._skip_next[key] = True
         done = [m for m in flight.batch if not _left(m, deferred)]
         self._stats.batches += 1
         self._stats.messages += len(done)
         return True
+
+    def _await(self, flight: InFlight) -> None:
+        """Wait for ``flight``'s apply while serving the group protocol.
+
+        A consumer that stops polling cannot take part in a rebalance: the whole group would
+        wait for this batch (a provider's timeout, say). So the wait polls, with every
+        partition paused so that no record comes back; a record that does (fetched before
+        the pause) is rewound. Inside a rebalance callback it just waits.
+        """
+        if self._in_callback:
+            flight.future.exception()
+            return
+        paused: list[TopicPartition] = []
+        # A batch that applies within a second never pauses anything: pausing drops what
+        # the client prefetched, which a fast consumer (ingest) would pay for every batch.
+        wait = 1.0
+        try:
+            while True:
+                try:
+                    flight.future.exception(timeout=wait)
+                    return
+                except TimeoutError:
+                    wait = 0.2
+                if not paused:
+                    paused = [tp for tp in self._assignment() if (tp.topic, tp.partition) not in self._paused]
+                    if paused:
+                        self._consumer.pause(paused)
+                self._waiting = True
+                stray = [m for m in self._consumer.consume(num_messages=100, timeout=0) if m.error() is None]
+                self._waiting = False
+                if stray:
+                    self._rewind(stray)
+        finally:
+            self._waiting = False
+            if paused:
+                again = [tp for tp in self._assignment() if (tp.topic, tp.partition) not in self._paused]
+                try:
+                    self._consumer.resume(again)
+                except KafkaException as exc:
+                    log.debug("%s: resume after wait: %s", self._name, exc)
+
+    def _assignment(self) -> list[TopicPartition]:
+        try:
+            return list(self._consumer.assignment())
+        except KafkaException:
+            return []
 
     def _defer(self, d: Deferral) -> bool:
         """Pause the partition and seek it back to the deferred record; resume at its time."""
@@ -424,6 +489,13 @@ class BatchLoop:
             hook(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._in_callback = True
+        try:
+            self._revoke(partitions)
+        finally:
+            self._in_callback = False
+
+    def _revoke(self, partitions: list[TopicPartition]) -> None:
         # Finish and commit the batch in flight while the partitions are still ours; a
         # handler with slow work in hand (a provider's timeout) gives it up first.
         interrupt = getattr(self._handler, "interrupt", None)
@@ -431,7 +503,10 @@ class BatchLoop:
             interrupt()
         self._drain()
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._just_deferred -= gone
+        if self._waiting:
+            # The batch polled before this wait holds records of these partitions: not ours now.
+            for key in gone:
+                self._skip_next.setdefault(key, False)
         held = [TopicPartition(t, p) for (t, p) in self._paused if (t, p) in gone]
         for t, p in list(self._paused):
             if (t, p) in gone:
@@ -492,6 +567,10 @@ def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
         if off + 1 > top.get(key, -1):
             top[key] = off + 1
     return [TopicPartition(t, p, o) for (t, p), o in sorted(top.items())]
+
+
+def _key(m: Message) -> tuple[str, int]:
+    return (m.topic() or "", m.partition() or 0)
 
 
 def _left(m: Message, deferred: dict[tuple[str, int], Deferral]) -> bool:

@@ -179,12 +179,15 @@ def _check_endpoint(channel: str, address: str) -> str:
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     from herald.dev import run_dev
 
+    if args.demo and args.no_processes:
+        raise ConfigError("--demo needs the herald processes: drop --no-processes")
     return run_dev(
         settings,
         folder=args.folder,
         demo=args.demo,
         ingest_processes=args.ingest_processes,
         config_file=args.config,
+        processes=not args.no_processes,
     )
 
 
@@ -303,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folder", default=".herald", help="where data and dev.env live (default .herald)")
     s.add_argument("--demo", action="store_true", help="send a burst of sample events and report")
     s.add_argument("--ingest-processes", type=int, default=1, metavar="N")
+    s.add_argument(
+        "--no-processes",
+        action="store_true",
+        help="start only the broker, PostgreSQL, migrations and topics (run herald processes yourself)",
+    )
     s.set_defaults(func=cmd_dev)
 
     s = sub.add_parser("migrate", help="apply database migrations (idempotent, safe to run twice)")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from channels.webhook import new_secret
 from config.settings import Settings
 from herald.inspect import read_topic, wait_committed
 from herald.processes import INGEST_GROUP
@@ -16,6 +21,70 @@ from producers.publisher import KafkaPublisher, OutRecord
 from producers.topics import Topics
 from storage.db import Database
 from storage.preferences import add_endpoint, set_preferences
+
+# Final delivery statuses: the demo waits for every webhook delivery of its run to reach one.
+FINAL = ("sent", "failed", "skipped")
+
+
+class LoopbackReceiver:
+    """The demo's webhook receiver on 127.0.0.1: checks every signature, counts what came.
+
+    ``/ok`` accepts; ``/flaky`` answers 503 to the first try of each delivery (herald
+    retries it from a retry topic); ``/reject`` answers 422 (dead-lettered at once).
+    It lives as long as the process that started it (``herald dev --demo``: the stack).
+    """
+
+    def __init__(self) -> None:
+        self.secret = new_secret()
+        self.verified = 0
+        self.bad_signatures = 0
+        self.answers: Counter[str] = Counter()
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                self._reply(receiver.answer(self.path, dict(self.headers.items()), body))
+
+            def _reply(self, code: int) -> None:
+                self.send_response(code)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="demo-receiver", daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}{path}"
+
+    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        try:
+            Webhook(self.secret).verify(body, headers)
+        except WebhookVerificationError:
+            with self._lock:
+                self.bad_signatures += 1
+            return 401
+        msg_id = headers.get("webhook-id") or headers.get("Webhook-Id") or ""
+        with self._lock:
+            self.verified += 1
+            if path == "/reject":
+                code = 422
+            elif path == "/flaky" and (path, msg_id) not in self._seen:
+                self._seen.add((path, msg_id))
+                code = 503
+            else:
+                code = 200
+            self.answers[f"{path} {code}"] += 1
+        return code
+
 
 PUSH_SUB = '{"endpoint":"https://push.example/abc","keys":{"p256dh":"BAbc","auth":"xyz"}}'
 
@@ -72,14 +141,23 @@ def sample_events(run: str) -> list[dict[str, Any] | bytes]:
             recipients=[alice, bob, carol, dave],
         )
     )
+    events.append(
+        ev(type="security.login", title="New sign-in from Lisbon", user_id=dave, severity="critical")
+    )
     events.append(b'{"id": "broken", "title": oops}')
     return events
 
 
 def run_demo(settings: Settings) -> int:
     run = uuid.uuid4().hex[:6]
+    hooks = LoopbackReceiver()
     db = Database.from_settings(settings)
     try:
+        # Webhooks: alice has a good and a flaky endpoint, bob a good one, dave one that refuses.
+        for user, paths in (("alice", ("/ok", "/flaky")), ("bob", ("/ok",)), ("dave", ("/reject",))):
+            set_preferences(db, f"{user}-{run}", {"webhook": True})
+            for path in paths:
+                add_endpoint(db, f"{user}-{run}", "webhook", hooks.url(path), hooks.secret)
         set_preferences(db, f"alice-{run}", {"email": True, "push": True})
         add_endpoint(db, f"alice-{run}", "email", "alice@example.com")
         add_endpoint(db, f"alice-{run}", "push", PUSH_SUB)
@@ -103,9 +181,57 @@ def run_demo(settings: Settings) -> int:
     for t, p, o in positions:
         targets[(t, p)] = max(o, targets.get((t, p), -1))
     wait_committed(settings, INGEST_GROUP, targets, timeout=120)
-    print(f"demo {run}: processed in {time.monotonic() - started:.1f}s\n", flush=True)
+    print(f"demo {run}: processed in {time.monotonic() - started:.1f}s", flush=True)
+    print(
+        f"demo {run}: waiting for webhook deliveries (a retry tier is {settings.delivery.retry_tiers[0]}) ..."
+    )
+    webhooks = wait_webhooks(settings, run, timeout=90)
+    print()
     report(settings, run, events, {o for _, _, o in positions})
+    print_webhooks(webhooks, hooks)
     return 0
+
+
+def _webhook_rows(settings: Settings, run: str) -> list[tuple[str, int, str]]:
+    db = Database.from_settings(settings)
+    try:
+        with db.transaction() as cur:
+            cur.execute(
+                "SELECT status, attempts, coalesce(status_reason, '') FROM deliveries"
+                " WHERE channel = 'webhook' AND route = 'immediate' AND user_id LIKE %s",
+                (f"%-{run}",),
+            )
+            return [(str(r[0]), int(str(r[1])), str(r[2])) for r in cur.fetchall()]
+    finally:
+        db.close()
+
+
+def wait_webhooks(settings: Settings, run: str, timeout: float) -> list[tuple[str, int, str]]:
+    """Until every webhook delivery of this run is final (or ``timeout``: then as they stand)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _webhook_rows(settings, run)
+        if rows and all(status in FINAL for status, _, _ in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counter.items()) or "none"
+
+
+def print_webhooks(rows: list[tuple[str, int, str]], hooks: LoopbackReceiver) -> None:
+    sent = [r for r in rows if r[0] == "sent"]
+    failed = Counter(reason for status, _, reason in rows if status == "failed")
+    pending = [r for r in rows if r[0] not in FINAL]
+    lines = [
+        f"webhooks sent            {len(sent)}  ({sum(1 for r in sent if r[1] > 1)} after a retry)",
+        f"webhooks dead-lettered   {sum(failed.values())}  ({_counts(failed)})",
+        f"loopback receiver        {hooks.verified} signed requests verified, {hooks.bad_signatures} refused",
+    ]
+    if pending:
+        lines.append(f"webhooks still retrying  {len(pending)}")
+    print("\n".join(f"  {line}" for line in lines), flush=True)
 
 
 def report(settings: Settings, run: str, events: list[dict[str, Any] | bytes], offsets: set[int]) -> None:

@@ -23,7 +23,7 @@ from config.settings import Settings
 from consumers.loop import Stopper
 from herald.embedded import EmbeddedStack, free_port
 from herald.inspect import wait_group_stable
-from herald.processes import INGEST_GROUP, herald_command
+from herald.processes import INGEST_GROUP, PROVIDERS, deliver_group, herald_command
 from producers.topics import Topics, ensure_topics
 from storage.migrate import migrate
 
@@ -86,6 +86,7 @@ def run_dev(
     demo: bool = False,
     ingest_processes: int = 1,
     config_file: str | None = None,
+    processes: bool = True,
 ) -> int:
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -104,16 +105,28 @@ def run_dev(
         )
         migrate(embedded.postgres.url)
         topics = Topics(dev.topic_prefix)
-        ensure_topics(dev, topics.ingest_topics())
+        channel_topics = [t for c in PROVIDERS for t in topics.channel_topics(c, dev.delivery.retry_tiers)]
+        ensure_topics(dev, [*topics.ingest_topics(), *channel_topics, *map(topics.deliveries_dlq, PROVIDERS)])
         logdir = root / "logs"
         logdir.mkdir(exist_ok=True)
         child_env = child_environment(os.environ, dev, config_file)
-        children = [Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)]
+        children: list[Child] = []
+        if processes:
+            children = [
+                Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)
+            ]
+            # Dev is loopback: its webhook receivers (the demo's) live on 127.0.0.1.
+            deliver_env = {**child_env, "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS": "true"}
+            children += [
+                Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS
+            ]
         for child in reversed(children):
             stack.callback(child.stop)
         _wait_healthy(children)
-        # Ready means consuming: the ingest group has joined and owns its partitions.
-        wait_group_stable(dev, INGEST_GROUP, timeout=dev.session_timeout_ms / 1000 + 60)
+        if processes:
+            # Ready means consuming: every group has joined and owns its partitions.
+            for group in (INGEST_GROUP, *map(deliver_group, PROVIDERS)):
+                wait_group_stable(dev, group, timeout=dev.session_timeout_ms / 1000 + 60)
         env_file.write_text(dev_env_lines(dev))
         stack.callback(env_file.unlink, missing_ok=True)
         _print_ready(dev, env_file, children, topics)

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
 
 from tests.helpers import herald_cli
@@ -172,3 +173,33 @@ def test_unreachable_database_exits_1_with_a_message(backend: Backend) -> None:
     assert out.returncode == 1
     assert "cannot connect to PostgreSQL" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_webhook_endpoint_gets_a_secret_printed_once(backend: Backend) -> None:
+    u = user()
+    out = herald(backend, "endpoints", "add", u, "webhook", "https://hooks.example.com/herald")
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if "whsec_" in x]
+    secret = line.split()[-1]
+    assert secret.startswith("whsec_") and len(secret) > 30
+    listed = herald(backend, "endpoints", "list", u)
+    assert "whsec_" not in listed.stdout, "the secret is shown once, never listed"
+    with psycopg.connect(backend.database_url) as conn:
+        row = conn.execute("SELECT secret FROM channel_endpoints WHERE user_id = %s", (u,)).fetchone()
+    assert row == (secret,)
+
+
+def test_a_given_webhook_secret_is_checked_and_not_echoed(backend: Backend) -> None:
+    u = user()
+    bad = herald(backend, "endpoints", "add", u, "webhook", "https://h.example/x", "--secret", "hunter2")
+    assert bad.returncode == 2 and "--secret must be whsec_" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    out = herald(backend, "endpoints", "add", u, "webhook", "https://h.example/x", "--secret", good)
+    assert out.returncode == 0, out.stderr
+    assert good not in out.stdout
+
+
+def test_deliver_refuses_an_unknown_channel(backend: Backend) -> None:
+    out = herald(backend, "deliver", "--channel", "pigeon")
+    assert out.returncode == 2 and "invalid choice: 'pigeon'" in out.stderr

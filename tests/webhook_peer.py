@@ -67,6 +67,8 @@ class WebhookPeer:
     server: ThreadingHTTPServer
     received: list[Received] = field(default_factory=list)
     hang_s: float = 3.0
+    # Set it to answer every hanging request at once (a test's clean-up).
+    hang_release: threading.Event = field(default_factory=threading.Event)
     _tries: Counter[tuple[str, str]] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,6 +100,7 @@ class WebhookPeer:
         raise AssertionError(f"{path}: {len(self.at(path))} requests after {timeout}s, wanted {count}")
 
     def close(self) -> None:
+        self.hang_release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -128,7 +131,7 @@ def start_peer(secret: str, hang_s: float = 3.0) -> WebhookPeer:
                 self.connection.shutdown(2)
                 return
             if kind == "hang":
-                time.sleep(peer.hang_s)
+                peer.hang_release.wait(peer.hang_s)
                 rec.answered = 200
                 return self._answer(200, {})
             if kind == "status":
