@@ -189,6 +189,13 @@ def run_demo(settings: Settings) -> int:
     print()
     report(settings, run, events, {o for _, _, o in positions})
     print_webhooks(webhooks, hooks)
+    print(
+        '\n  look: psql "$HERALD_DATABASE_URL" -c '  # noqa: S608 (a hint printed for the operator)
+        f"\"SELECT user_id, severity, title, hidden FROM notifications WHERE source = 'demo-{run}'\"\n"
+        '        psql "$HERALD_DATABASE_URL" -c "SELECT user_id, status, status_reason, attempts'
+        " FROM deliveries WHERE channel = 'webhook' ORDER BY created_at DESC LIMIT 20\"",
+        flush=True,
+    )
     return 0
 
 
@@ -275,9 +282,6 @@ def report(settings: Settings, run: str, events: list[dict[str, Any] | bytes], o
         f"sent to digests          {digest['warning']} warnings, "
         f"{digest['rate_limited']} rate-limited criticals",
         f"dead-letter records      {len(dead)}  ({', '.join(f'{k}: {v}' for k, v in reasons.items())})",
-        "",
-        'look: psql "$HERALD_DATABASE_URL" -c '  # noqa: S608 (a hint printed for the operator)
-        f"\"SELECT user_id, severity, title, hidden FROM notifications WHERE source = 'demo-{run}'\"",
     ]
     print("\n".join(f"  {line}" if line else "" for line in lines), flush=True)
 

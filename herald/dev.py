@@ -172,5 +172,5 @@ def _print_ready(settings: Settings, env_file: Path, children: list[Child], topi
         flush=True,
     )
     for child in children:
-        print(f"  {child.name:<11} http://127.0.0.1:{child.metrics_port}/metrics   log {child.log_path}")
+        print(f"  {child.name:<16} http://127.0.0.1:{child.metrics_port}/metrics   log {child.log_path}")
     print(flush=True)
