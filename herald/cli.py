@@ -51,6 +51,20 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.processes import run_api
+
+    run_api(settings)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from api.auth import mint
+
+    print(mint(settings.api, args.user, ttl_s=args.ttl))
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from producers.publisher import KafkaPublisher, OutRecord
     from producers.topics import Topics
@@ -276,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser(
+        "api",
+        help="serve the in-app HTTP API (inbox, preferences, unsubscribe) on HERALD_API__HOST:PORT",
+        description="Serve the in-app HTTP API: /v1/notifications, /v1/preferences, /v1/unsubscribe, "
+        "OpenAPI at /openapi.json. Needs HERALD_API__JWT_SECRET (HS256) or HERALD_API__JWT_PUBLIC_KEY "
+        "(RS256). Stops cleanly on SIGTERM.",
+    )
+    s.set_defaults(func=cmd_api)
+
+    s = sub.add_parser(
+        "token",
+        help="mint an HS256 bearer token for USER with HERALD_API__JWT_SECRET (dev and tests)",
+        description="Print a bearer token for the API: sub=USER, the configured audience (and issuer), "
+        "signed HS256 with HERALD_API__JWT_SECRET. Production tokens come from your identity provider.",
+    )
+    s.add_argument("user", help="the user id (the token's sub)")
+    s.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
+    s.set_defaults(func=cmd_token)
 
     s = sub.add_parser("produce", help="produce events (JSON, one per argument or stdin line)")
     s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none")
