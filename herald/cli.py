@@ -383,6 +383,11 @@ def one_line(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _one_line(exc: Exception) -> str:
+    """libpq's messages span lines ("connection refused\n\tIs the server running ..."): join them."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -401,10 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, settings))
     except ConfigError as exc:
-        print(f"herald: {exc}", file=sys.stderr)
+        print(f"herald: {_one_line(exc)}", file=sys.stderr)
         return 2
     except HeraldError as exc:
-        print(f"herald: {exc}", file=sys.stderr)
+        print(f"herald: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -123,4 +124,7 @@ def run_api(settings: Settings) -> None:
             stack.callback(metrics_server.shutdown)
         connect(settings.database_url.get_secret_value()).close()
         log.info("herald api listening on http://%s:%d", settings.api.host, bound_port(sock))
+        # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found:
+        # a no-op one here, so a clean stop exits 0 like every other herald process.
+        signal.signal(signal.SIGTERM, lambda *_: None)
         server(app, log_level=settings.log_level).run(sockets=[sock])
