@@ -172,6 +172,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bench_command == "api":
+        from herald.bench.api import run_api_bench
+
+        return run_api_bench(
+            settings,
+            users=args.users,
+            per_user=args.per_user,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            connections=args.connections,
+            count_connections=args.count_connections,
+        )
     from herald.bench.ingest import run_ingest_bench
 
     return run_ingest_bench(
@@ -369,6 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="N `herald ingest` processes in one group (default 1: in-process, group join excluded)",
+    )
+    ba = bsub.add_parser(
+        "api", help="list and unread-count requests over HTTP with auth, against a bulk-loaded inbox"
+    )
+    ba.add_argument("--users", type=int, default=5_000)
+    ba.add_argument("--per-user", type=int, default=200, metavar="N", help="notifications per user")
+    ba.add_argument("--seconds", type=float, default=15.0, help="counted seconds per phase")
+    ba.add_argument("--warmup", type=float, default=3.0, help="uncounted seconds before the list phase")
+    ba.add_argument("--connections", type=int, default=32, help="keep-alive connections, list phase")
+    ba.add_argument(
+        "--count-connections", type=int, default=4, help="keep-alive connections, unread-count phase"
     )
     s.set_defaults(func=cmd_bench)
     return p

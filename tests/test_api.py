@@ -397,3 +397,24 @@ def test_timestamps_are_utc(base: str, db: Conn, user: str) -> None:
     with client(base, user) as c:
         item = c.get("/v1/notifications").json()["items"][0]
     assert datetime.fromisoformat(item["created_at"]) == datetime(2030, 1, 1, 12, 0, 0, 7, tzinfo=UTC)
+
+
+def test_pages_and_counts_are_served_by_the_0004_indexes(db: Conn, user: str) -> None:
+    """The keyset condition is an index range (not a filter), the count an index-only scan."""
+    add_notifications(db, user, 50)
+    db.execute("ANALYZE notifications")
+    with db.transaction():
+        db.execute("SET LOCAL enable_seqscan = off")
+        db.execute("SET LOCAL enable_bitmapscan = off")
+        from storage.inbox import _PAGE_SQL, _UNREAD_COUNT_SQL
+
+        now = datetime.now(UTC)
+        for unread in (False, True):
+            sql = b"EXPLAIN " + _PAGE_SQL[(unread, True)]
+            plan = "\n".join(r[0] for r in db.execute(sql, (user, now, uuid.uuid4(), 31)).fetchall())
+            index = "notifications_unread_page" if unread else "notifications_inbox_page"
+            assert f"Index Scan using {index}" in plan, plan
+            assert "Index Cond: ((user_id = " in plan and "ROW(created_at, id) < ROW(" in plan, plan
+            assert "Sort" not in plan, plan
+        plan = "\n".join(r[0] for r in db.execute(b"EXPLAIN " + _UNREAD_COUNT_SQL, (user,)).fetchall())
+        assert "Index Only Scan using notifications_unread_page" in plan, plan
