@@ -113,6 +113,23 @@ def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+def _wait_answering(url: str, child: Child, timeout: float = 60.0) -> None:
+    """Until ``url`` answers 200: a child's /metrics may be up before its own server listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback http)
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} not answering {url} after {timeout}s; see {child.log_path}")
+        time.sleep(0.2)
+
+
 def run_dev(
     settings: Settings,
     *,
@@ -149,6 +166,7 @@ def run_dev(
         for child in reversed(children):
             stack.callback(child.stop)
         _wait_healthy(children)
+        _wait_answering(f"{api_url(dev)}/healthz", children[-1])
         # Ready means consuming: the ingest group has joined and owns its partitions.
         wait_group_stable(dev, INGEST_GROUP, timeout=dev.session_timeout_ms / 1000 + 60)
         env_file.touch(mode=0o600)  # it holds the dev secrets: never readable by others

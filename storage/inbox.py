@@ -69,10 +69,11 @@ SELECT t.id, t.read_at, COALESCE(u.archived_at, t.archived_at) FROM target t LEF
 """
 
 # Only rows that existed at the user's view (created_at <= before): a notification that
-# arrives while the user clicks "mark all read" stays unread.
+# arrives while the user clicks "mark all read" stays unread. A `before` in the future is
+# cut to now, so no request can mark rows that do not exist yet.
 _READ_ALL_SQL = f"""
 UPDATE notifications SET read_at = now(), updated_at = now()
-WHERE {_VISIBLE}{_UNREAD} AND created_at <= COALESCE(%s::timestamptz, now())
+WHERE {_VISIBLE}{_UNREAD} AND created_at <= LEAST(COALESCE(%s::timestamptz, now()), now())
 """.encode()  # noqa: S608 (constants)
 
 

@@ -418,3 +418,12 @@ def test_pages_and_counts_are_served_by_the_0004_indexes(db: Conn, user: str) ->
             assert "Sort" not in plan, plan
         plan = "\n".join(r[0] for r in db.execute(b"EXPLAIN " + _UNREAD_COUNT_SQL, (user,)).fetchall())
         assert "Index Only Scan using notifications_unread_page" in plan, plan
+
+
+def test_read_all_with_a_future_before_stops_at_now(base: str, db: Conn, user: str) -> None:
+    add_notifications(db, user, 2, start=datetime(2020, 1, 1, tzinfo=UTC))
+    future = add_notifications(db, user, 1, start=datetime.now(UTC) + timedelta(hours=1))
+    with client(base, user) as c:
+        r = c.post("/v1/notifications/read-all", json={"before": "2099-01-01T00:00:00Z"})
+        assert r.json() == {"marked": 2}
+    assert row(db, future[0])[1] is None
