@@ -44,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/herald bench ingest
 
 clean:
-	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -75,6 +75,9 @@ class PolicySettings(BaseModel):
     rate_limits: dict[str, int] = Field(default_factory=lambda: {"email": 5, "push": 20, "webhook": 60})
     redactions: tuple[str, ...] = DEFAULT_REDACTIONS
     summary_chars: int = Field(default=280, ge=20, le=280)
+    # Categories users cannot opt out of (security alerts, say): per-category choices are
+    # refused by the API and ignored by ingest, and in-app off never hides them.
+    mandatory_categories: frozenset[str] = frozenset()
 
     @field_validator("rate_limits", mode="before")
     @classmethod
@@ -150,6 +153,51 @@ class WebhookSettings(BaseModel):
     allow_private_targets: bool = False
 
 
+class ApiSettings(BaseModel):
+    """``herald api``: where it listens, how it checks bearer tokens, and its input limits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8600, ge=0, le=65535)
+    # One of them at least, or `herald api` refuses to start: HS256 with a shared secret,
+    # RS256 with an identity provider's public key (PEM). Both set: each token's alg picks.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    # Checked on every token: `aud` must contain it; `iss` must equal the issuer when set.
+    audience: str = Field(default="herald", min_length=1)
+    issuer: str | None = None
+    # Clock skew allowed on exp/nbf/iat.
+    leeway_s: int = Field(default=30, ge=0, le=300)
+    default_page_size: int = Field(default=30, ge=1)
+    max_page_size: int = Field(default=100, ge=1, le=1000)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Connections to PostgreSQL per API process (an async pool).
+    pool_size: int = Field(default=8, ge=1, le=200)
+    # Verified tokens kept (by token string) so a hot client is not re-verified per request.
+    token_cache_size: int = Field(default=10_000, ge=0)
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _hs256_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes for HS256 (RFC 7518 3.2): `openssl rand -hex 32`")
+        return value
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _pem(cls, value: str | None) -> str | None:
+        if value is not None and "-----BEGIN PUBLIC KEY-----" not in value:
+            raise ValueError("jwt_public_key must be a PEM public key (-----BEGIN PUBLIC KEY-----)")
+        return value
+
+    @model_validator(mode="after")
+    def _page_sizes(self) -> ApiSettings:
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("default_page_size must not exceed max_page_size")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a herald process needs, read once in ``main``."""
 
@@ -199,6 +247,12 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     # The product's web app: the base of relative target_urls in external messages.
     app_url: str | None = None
+
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    # Signs the one-click unsubscribe tokens in emails (core/unsubscribe.py); None: no links.
+    unsubscribe_secret: SecretStr | None = None
+    # Where herald's API is reachable from a user's mail client (unsubscribe links).
+    public_url: str | None = None
     # Mapping rules for events in other shapes (TOML, see config/rules/); None: native
     # envelopes and CloudEvents only.
     rules_file: Path | None = None
@@ -210,6 +264,20 @@ class Settings(BaseSettings):
         if value is not None and not re.match(r"^https?://[^/?#\s]+", value):
             raise ValueError(f"HERALD_APP_URL must be an absolute http(s) URL, got {value!r}")
         return value
+
+    @field_validator("unsubscribe_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (a random string: `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL, the API's base as users' mail clients reach it")
+        return None if value is None else value.rstrip("/")
 
     @field_validator("kafka", mode="before")
     @classmethod

@@ -237,7 +237,7 @@ class IngestHandler:
         with self._db.transaction() as cur:
             stored = store.load_preferences(cur, users)
             prefs = {u: self._defaults.merged(stored[u]) if u in stored else self._defaults for u in users}
-            hidden = [not prefs[n.user_id].in_app for n in notes]
+            hidden = [prefs[n.user_id].hidden(n.category) for n in notes]
             inserted = store.insert_notifications(cur, notes, hidden)
             new = [n for n in notes if n.id in inserted]
             planned = [d for n in new for d in policy.plan(n, prefs[n.user_id])]

@@ -173,3 +173,50 @@ def deliver() -> DeliverMetrics:
             ["channel"],
         ),
     )
+
+
+API_ROUTES = (
+    "list",
+    "unread_count",
+    "read",
+    "read_all",
+    "archive",
+    "preferences_get",
+    "preferences_put",
+    "unsubscribe",
+)
+
+
+@dataclass(frozen=True)
+class ApiMetrics:
+    """``herald api``'s own. Routes are the handlers' names, never paths (paths hold ids)."""
+
+    requests: Counter
+    request_seconds: Histogram
+    auth_failures: Counter
+
+
+@cache
+def api() -> ApiMetrics:
+    m = ApiMetrics(
+        requests=Counter(
+            "herald_api_requests",
+            "API requests answered, by route and status code.",
+            ["route", "status"],
+        ),
+        request_seconds=Histogram(
+            "herald_api_request_seconds",
+            "Time to answer an API request, by route (from routing to the response object).",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        ),
+        auth_failures=Counter(
+            "herald_api_auth_failures",
+            "Requests refused with 401, by reason: missing, malformed, expired, audience, issuer, "
+            "algorithm, signature, claims.",
+            ["reason"],
+        ),
+    )
+    for route in API_ROUTES:
+        m.request_seconds.labels(route)
+    return m

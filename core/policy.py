@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -24,15 +24,26 @@ REASON_WARNING = "warning"
 REASON_RATE_LIMITED = "rate_limited"
 
 
+PREFERENCE_CHANNELS: tuple[str, ...] = ("in_app", *CHANNELS)
+
+
 @dataclass(frozen=True, slots=True)
 class Preferences:
-    """A user's choices; ``None`` in storage means the policy default."""
+    """A user's choices; ``None`` in storage means the policy default.
+
+    ``categories`` holds per-category opt-outs, ``{"billing": {"email": False}}``: a channel
+    a category does not name follows the channel switch. ``mandatory`` (from settings) lists
+    the categories users cannot opt out of: their per-category choices are ignored and in-app
+    off never hides them, so they always reach the inbox.
+    """
 
     in_app: bool
     email: bool
     push: bool
     webhook: bool
     digest_minutes: int
+    categories: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
+    mandatory: frozenset[str] = frozenset()
 
     @classmethod
     def defaults(cls, policy: PolicySettings) -> Preferences:
@@ -42,12 +53,13 @@ class Preferences:
             push=policy.push,
             webhook=policy.webhook,
             digest_minutes=policy.digest_minutes,
+            mandatory=policy.mandatory_categories,
         )
 
     def merged(self, stored: dict[str, Any]) -> Preferences:
-        """Stored values override defaults where they are set."""
-        values = {k: v for k, v in stored.items() if v is not None and hasattr(self, k)}
-        return Preferences(**{**self.as_dict(), **values})
+        """Stored values override defaults where they are set (``mandatory`` is never stored)."""
+        values = {k: v for k, v in stored.items() if v is not None and k in _STORED}
+        return replace(self, **values)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,8 +70,24 @@ class Preferences:
             "digest_minutes": self.digest_minutes,
         }
 
-    def channel_on(self, channel: str) -> bool:
-        return bool(getattr(self, channel))
+    def channel_on(self, channel: str, category: str | None = None) -> bool:
+        """The channel switch, then the category's opt-out for that channel (unless mandatory)."""
+        if category is not None and category in self.mandatory:
+            # Cannot opt out of the category; in-app always shows it, external channels
+            # still follow the channel switches (which say where to reach the user).
+            return channel == "in_app" or bool(getattr(self, channel))
+        if not getattr(self, channel):
+            return False
+        if category is None:
+            return True
+        return self.categories.get(category, {}).get(channel, True) is not False
+
+    def hidden(self, category: str | None) -> bool:
+        """Stored but never listed or counted: in-app off, for this category or altogether."""
+        return not self.channel_on("in_app", category)
+
+
+_STORED = frozenset({"in_app", "email", "push", "webhook", "digest_minutes", "categories"})
 
 
 @dataclass(slots=True)
@@ -81,12 +109,13 @@ def delivery_id(notification_id: uuid.UUID, channel: str) -> uuid.UUID:
 
 
 def plan(notification: Notification, prefs: Preferences) -> list[Decision]:
-    """Channels before rate limits: external only for warning and critical, where enabled."""
+    """Channels before rate limits: external only for warning and critical, where the channel
+    is on and the notification's category is not turned off for it (see ``Preferences``)."""
     if not notification.external:
         return []
     out = []
     for channel in CHANNELS:
-        if not prefs.channel_on(channel):
+        if not prefs.channel_on(channel, notification.category):
             continue
         did = delivery_id(notification.id, channel)
         if notification.severity == "critical" or prefs.digest_minutes == 0:

@@ -10,9 +10,11 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -96,3 +98,61 @@ def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) ->
         proxy_headers=False,
     )
     return uvicorn.Server(config)
+
+
+class HttpProblem(Exception):
+    """Raised by a handler to answer with a problem: the app's handler renders it (``problem``)."""
+
+    def __init__(
+        self, status: int, title: str, detail: str | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {title}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return problem(self.status, self.title, self.detail, headers=self.headers)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 past ``max_bytes`` (by its Content-Length, or while
+    it streams in when it has none), so a client can never make the process buffer more."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HttpProblem(400, "Bad Request", "Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise HttpProblem(413, "Content Too Large", f"the body may be at most {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HttpProblem(413, "Content Too Large", f"the body may be at most {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _http_exception(_: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (no such route, wrong method) in the same problem format."""
+    status = int(getattr(exc, "status_code", 500))
+    headers = getattr(exc, "headers", None)
+    detail = getattr(exc, "detail", None)
+    return problem(status, HTTPStatus(status).phrase, str(detail) if detail else None, headers=headers)
+
+
+async def _http_problem(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HttpProblem)
+    return exc.response()
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    log.error("unexpected error answering a request: %s", type(exc).__name__, exc_info=exc)
+    return problem(500, "Internal Server Error")
+
+
+def problem_handlers() -> dict[Any, Callable[[Request, Exception], Any]]:
+    """Exception handlers for a Starlette app: every error, routing ones included, as a problem."""
+    return {HTTPException: _http_exception, HttpProblem: _http_problem, Exception: _unexpected}

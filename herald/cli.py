@@ -69,6 +69,20 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.processes import run_api
+
+    run_api(settings)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from api.auth import mint
+
+    print(mint(settings.api, args.user, ttl_s=args.ttl))
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from producers.publisher import KafkaPublisher, OutRecord
     from producers.topics import Topics
@@ -198,6 +212,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bench_command == "api":
+        from herald.bench.api import run_api_bench
+
+        return run_api_bench(
+            settings,
+            users=args.users,
+            per_user=args.per_user,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            connections=args.connections,
+            count_connections=args.count_connections,
+        )
     from herald.bench.ingest import run_ingest_bench
 
     return run_ingest_bench(
@@ -335,6 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
     s.set_defaults(func=cmd_deliver)
 
+    s = sub.add_parser(
+        "api",
+        help="serve the in-app HTTP API (inbox, preferences, unsubscribe) on HERALD_API__HOST:PORT",
+        description="Serve the in-app HTTP API: /v1/notifications, /v1/preferences, /v1/unsubscribe, "
+        "OpenAPI at /openapi.json. Needs HERALD_API__JWT_SECRET (HS256) or HERALD_API__JWT_PUBLIC_KEY "
+        "(RS256). Stops cleanly on SIGTERM.",
+    )
+    s.set_defaults(func=cmd_api)
+
+    s = sub.add_parser(
+        "token",
+        help="mint an HS256 bearer token for USER with HERALD_API__JWT_SECRET (dev and tests)",
+        description="Print a bearer token for the API: sub=USER, the configured audience (and issuer), "
+        "signed HS256 with HERALD_API__JWT_SECRET. Production tokens come from your identity provider.",
+    )
+    s.add_argument("user", help="the user id (the token's sub)")
+    s.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
+    s.set_defaults(func=cmd_token)
+
     s = sub.add_parser("produce", help="produce events (JSON, one per argument or stdin line)")
     s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none")
     s.add_argument("--topic", help="default: <prefix>.events")
@@ -400,6 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="N `herald ingest` processes in one group (default 1: in-process, group join excluded)",
     )
+    ba = bsub.add_parser(
+        "api", help="list and unread-count requests over HTTP with auth, against a bulk-loaded inbox"
+    )
+    ba.add_argument("--users", type=int, default=5_000)
+    ba.add_argument("--per-user", type=int, default=200, metavar="N", help="notifications per user")
+    ba.add_argument("--seconds", type=float, default=15.0, help="counted seconds per phase")
+    ba.add_argument("--warmup", type=float, default=3.0, help="uncounted seconds before the list phase")
+    ba.add_argument("--connections", type=int, default=32, help="keep-alive connections, list phase")
+    ba.add_argument(
+        "--count-connections", type=int, default=4, help="keep-alive connections, unread-count phase"
+    )
     s.set_defaults(func=cmd_bench)
     return p
 
@@ -411,6 +467,11 @@ def one_line(exc: ValidationError) -> str:
         where = ".".join(str(part) for part in err["loc"]) or "settings"
         parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+def _one_line(exc: Exception) -> str:
+    """libpq's messages span lines ("connection refused\n\tIs the server running ..."): join them."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,10 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, settings))
     except ConfigError as exc:
-        print(f"herald: {exc}", file=sys.stderr)
+        print(f"herald: {_one_line(exc)}", file=sys.stderr)
         return 2
     except HeraldError as exc:
-        print(f"herald: {exc}", file=sys.stderr)
+        print(f"herald: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,6 @@
 """``herald dev``: the whole pipeline on an embedded broker and PostgreSQL.
 
-Start-up order: PostgreSQL, broker, migrations, topics, the herald processes;
+Start-up order: PostgreSQL, broker, migrations, topics, the herald processes (ingest, the API);
 only when all of them are ready is ``.herald/dev.env`` written. Shutdown (Ctrl-C
 or SIGTERM) runs in reverse: SIGTERM to the processes (each finishes its batch
 and commits), then the broker and PostgreSQL, then dev.env is removed.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 import time
 import urllib.request
@@ -61,11 +62,44 @@ class Child:
 
 
 def dev_env_lines(settings: Settings) -> str:
-    return (
+    lines = (
         f"HERALD_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}\n"
         f"HERALD_DATABASE_URL={settings.database_url.get_secret_value()}\n"
         f"HERALD_TOPIC_PREFIX={settings.topic_prefix}\n"
     )
+    # The API's secrets, so `herald token USER` and the unsubscribe links work from any shell.
+    if settings.api.jwt_secret is not None:
+        lines += f"HERALD_API__JWT_SECRET={settings.api.jwt_secret.get_secret_value()}\n"
+        lines += f"HERALD_API__AUDIENCE={settings.api.audience}\n"
+    if settings.unsubscribe_secret is not None:
+        lines += f"HERALD_UNSUBSCRIBE_SECRET={settings.unsubscribe_secret.get_secret_value()}\n"
+    if settings.public_url is not None:
+        lines += f"HERALD_PUBLIC_URL={settings.public_url}\n"
+    return lines
+
+
+def with_api(settings: Settings, port: int) -> Settings:
+    """The dev stack's API: on loopback at ``port``, with a JWT secret and an unsubscribe secret
+    generated for this run unless the environment (or --config file) already set them."""
+    url = f"http://127.0.0.1:{port}"
+    api = settings.api.model_copy(
+        update={
+            "host": "127.0.0.1",
+            "port": port,
+            "jwt_secret": settings.api.jwt_secret or SecretStr(secrets.token_urlsafe(48)),
+        }
+    )
+    return settings.model_copy(
+        update={
+            "api": api,
+            "unsubscribe_secret": settings.unsubscribe_secret or SecretStr(secrets.token_urlsafe(32)),
+            "public_url": settings.public_url or url,
+        }
+    )
+
+
+def api_url(settings: Settings) -> str:
+    return f"http://{settings.api.host}:{settings.api.port}"
 
 
 def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
@@ -77,6 +111,23 @@ def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{child.name} not healthy after {timeout}s; see {child.log_path}")
             time.sleep(0.2)
+
+
+def _wait_answering(url: str, child: Child, timeout: float = 60.0) -> None:
+    """Until ``url`` answers 200: a child's /metrics may be up before its own server listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback http)
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} not answering {url} after {timeout}s; see {child.log_path}")
+        time.sleep(0.2)
 
 
 def run_dev(
@@ -109,6 +160,7 @@ def run_dev(
         ensure_topics(dev, [*topics.ingest_topics(), *channel_topics, *map(topics.deliveries_dlq, PROVIDERS)])
         logdir = root / "logs"
         logdir.mkdir(exist_ok=True)
+        dev = with_api(dev, free_port())
         child_env = child_environment(os.environ, dev, config_file)
         children: list[Child] = []
         if processes:
@@ -120,14 +172,22 @@ def run_dev(
             children += [
                 Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS
             ]
+            # Only the API child gets the port: `herald api` from a dev.env shell must not collide.
+            children.append(
+                Child("api", ["api"], {**child_env, "HERALD_API__PORT": str(dev.api.port)}, logdir)
+            )
         for child in reversed(children):
             stack.callback(child.stop)
         _wait_healthy(children)
+        env_lines = dev_env_lines(dev)
         if processes:
+            _wait_answering(f"{api_url(dev)}/healthz", children[-1])
             # Ready means consuming: every group has joined and owns its partitions.
             for group in (INGEST_GROUP, *map(deliver_group, PROVIDERS)):
                 wait_group_stable(dev, group, timeout=dev.session_timeout_ms / 1000 + 60)
-        env_file.write_text(dev_env_lines(dev))
+            env_lines += f"HERALD_API_URL={api_url(dev)}\n"
+        env_file.touch(mode=0o600)  # it holds the dev secrets: never readable by others
+        env_file.write_text(env_lines)
         stack.callback(env_file.unlink, missing_ok=True)
         _print_ready(dev, env_file, children, topics)
         if demo:
@@ -168,7 +228,9 @@ def _print_ready(settings: Settings, env_file: Path, children: list[Child], topi
         f"  postgres    psql '{url}'\n"
         f'  events      {topics.events}  (herald produce \'{{"id":"1","type":"t","title":"Hi",'
         f'"user_id":"u1"}}\')\n'
-        f"  env         set -a; . {env_file}; set +a\n",
+        f"  env         set -a; . {env_file}; set +a\n"
+        f'  api         {api_url(settings)}  (curl -H "Authorization: Bearer $(herald token alice)" '
+        f"{api_url(settings)}/v1/notifications)\n",
         flush=True,
     )
     for child in children:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -163,3 +164,32 @@ def run_deliver(
         stats = loop.run(max_messages=max_messages, timeout=timeout, idle_timeout=idle_timeout)
         log.info("deliver-%s stopped: %d records in %d batches", channel, stats.messages, stats.batches)
     return DeliverRun(stats, loop)
+
+
+def run_api(settings: Settings) -> None:
+    """Build and serve ``herald api`` until SIGTERM or SIGINT.
+
+    In this order, so that each misconfiguration is a one-line error before anything serves:
+    the token keys (``create_app``), the API port, the metrics port, then one connection to
+    PostgreSQL; then uvicorn serves, and its lifespan opens the pool. On SIGTERM uvicorn stops
+    accepting, lets requests in flight finish, and the lifespan closes the pool.
+    """
+    from api.app import create_app
+    from core.web import bind, bound_port, server
+    from storage.db import connect
+
+    app = create_app(settings)
+    sock = bind(settings.api.host, settings.api.port, "HERALD_API__PORT")
+    with ExitStack() as stack:
+        stack.callback(sock.close)
+        if settings.metrics_port >= 0:
+            health = Health(stale_after=float("inf"))  # the API has no loop to beat; uvicorn answers
+            metrics_server = serve(settings.metrics_host, settings.metrics_port, health)
+            stack.callback(metrics_server.server_close)
+            stack.callback(metrics_server.shutdown)
+        connect(settings.database_url.get_secret_value()).close()
+        log.info("herald api listening on http://%s:%d", settings.api.host, bound_port(sock))
+        # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found:
+        # a no-op one here, so a clean stop exits 0 like every other herald process.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        server(app, log_level=settings.log_level).run(sockets=[sock])

@@ -25,7 +25,7 @@ from core.policy import Decision, RateKey
 Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 _PREFS_SQL = """
-SELECT user_id, in_app, email, push, webhook, digest_minutes
+SELECT user_id, in_app, email, push, webhook, digest_minutes, categories
 FROM notification_preferences WHERE user_id = ANY(%b)
 """
 
@@ -105,7 +105,7 @@ class UnpublishedDelivery:
 
 def load_preferences(cur: Cursor, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     cur.execute(_PREFS_SQL, (list(user_ids),))
-    cols = ("in_app", "email", "push", "webhook", "digest_minutes")
+    cols = ("in_app", "email", "push", "webhook", "digest_minutes", "categories")
     return {row[0]: dict(zip(cols, row[1:], strict=True)) for row in cur.fetchall()}
 
 

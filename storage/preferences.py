@@ -1,10 +1,13 @@
-"""Preferences and channel endpoints (CLI now, the API later)."""
+"""Preferences and channel endpoints: the CLI (blocking ``Database``) and the API (async pool)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from psycopg.types.json import Jsonb
+
 from storage.db import Database
+from storage.pool import AsyncConn
 
 _PREF_COLUMNS = ("in_app", "email", "push", "webhook", "digest_minutes")
 
@@ -59,3 +62,41 @@ def list_endpoints(db: Database, user_id: str) -> list[tuple[str, str]]:
             (user_id,),
         )
         return [(str(r[0]), str(r[1])) for r in cur.fetchall()]
+
+
+# The API's side: async, on a pooled autocommit connection (storage/pool.py).
+
+_READ_SQL = (
+    b"SELECT in_app, email, push, webhook, digest_minutes, categories FROM notification_preferences"
+    b" WHERE user_id = %s"
+)
+
+
+async def read_preferences(conn: AsyncConn, user_id: str) -> dict[str, Any] | None:
+    """The stored row (``None`` values and a missing row mean the policy defaults)."""
+    cur = await conn.execute(_READ_SQL, (user_id,))
+    row = await cur.fetchone()
+    return None if row is None else dict(zip((*_PREF_COLUMNS, "categories"), row, strict=True))
+
+
+async def write_preferences(conn: AsyncConn, user_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Upsert the given columns (``categories`` replaces the whole map); returns the stored row.
+
+    One statement, so two writers never interleave half of each other's change.
+    """
+    cols = [c for c in (*_PREF_COLUMNS, "categories") if c in changes]
+    values = [Jsonb(changes[c]) if c == "categories" else changes[c] for c in cols]
+    if not cols:
+        return await read_preferences(conn, user_id) or {}
+    names = ", ".join(cols)
+    params = ", ".join(["%s"] * len(cols))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
+    sql = (
+        f"INSERT INTO notification_preferences (user_id, {names}) VALUES (%s, {params}) "  # noqa: S608 (column names from a fixed list)
+        f"ON CONFLICT (user_id) DO UPDATE SET {updates}, updated_at = now() "
+        "RETURNING in_app, email, push, webhook, digest_minutes, categories"
+    )
+    cur = await conn.execute(sql.encode(), [user_id, *values])
+    row = await cur.fetchone()
+    assert row is not None
+    return dict(zip((*_PREF_COLUMNS, "categories"), row, strict=True))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,24 @@ def test_dev_env_reaches_the_stack_and_goes_away(
         assert got.verified and got.json["user_id"] == "dev-hook"
     finally:
         peer.close()
+
+    # The API: its URL and a token minted with the dev secret, both from dev.env alone.
+    assert {"HERALD_API_URL", "HERALD_API__JWT_SECRET", "HERALD_UNSUBSCRIBE_SECRET"} <= set(dev)
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    minted = subprocess.run(
+        [sys.executable, "-m", "herald.cli", "token", "dev-user"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert minted.returncode == 0, minted.stderr
+    request = urllib.request.Request(
+        f"{dev['HERALD_API_URL']}/v1/notifications/unread-count",
+        headers={"Authorization": f"Bearer {minted.stdout.strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (loopback)
+        assert json.loads(resp.read()) == {"count": 1}
 
     # kcat: an independent Kafka client sees the stack. Debian's kcat 1.7.1 (librdkafka 2.0.2)
     # cannot parse Tansu 0.6's ApiVersions reply ("Read underflow"), so it skips that
