@@ -66,7 +66,9 @@ def bind(host: str, port: int, setting: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"port {port} on {host} is in use: set {setting} to a free port, or 0 to pick one") from exc
+            raise ConfigError(
+                f"port {port} on {host} is in use: set {setting} to a free port, or 0 to pick one"
+            ) from exc
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}: check {setting}") from exc
     sock.listen(2048)
     sock.set_inheritable(True)

@@ -52,18 +52,29 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.publisher import KafkaPublisher, OutRecord
-    from producers.topics import Topics
+    """Events to the topic, or (``--to-receiver``) signed POSTs to a running receiver."""
+    from herald.produce import ProgressBar, post_to_receiver, produce_to_topic, read_lines
 
-    topic = args.topic or Topics(settings.topic_prefix).events
-    lines = args.events or [line for line in sys.stdin.read().splitlines() if line.strip()]
-    records = [
-        OutRecord(topic=topic, value=line.encode(), key=args.key.encode() if args.key else None)
-        for line in lines
-    ]
-    publisher = KafkaPublisher(settings)
-    publisher.publish(records)
-    print(f"produced {len(records)} record(s) to {topic}")
+    if args.events and args.file:
+        raise ConfigError("give events as arguments or --file, not both")
+    if args.to_receiver and not args.source:
+        raise ConfigError("--to-receiver needs --source: the source whose scheme and secret sign each line")
+    if args.source and not args.to_receiver:
+        raise ConfigError("--source goes with --to-receiver URL")
+    if args.to_receiver and args.topic:
+        raise ConfigError("--topic and --to-receiver do not go together: the receiver picks the topic")
+    headers = [_header(h) for h in args.header]
+    lines = args.events or read_lines(args.file or "-")
+    bar = ProgressBar(len(lines)) if args.file else None
+    if args.to_receiver:
+        return post_to_receiver(settings, args.to_receiver, args.source, lines, headers, bar)
+    return produce_to_topic(settings, args.topic, args.key, lines, headers, bar)
+
+
+def cmd_receiver(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.processes import run_receiver
+
+    run_receiver(settings)
     return 0
 
 
@@ -277,11 +288,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("produce", help="produce events (JSON, one per argument or stdin line)")
-    s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none")
+    s = sub.add_parser(
+        "produce",
+        help="produce events (JSON, one per argument or line), or POST them signed to a receiver",
+        description="Produce events to <prefix>.events (or --topic), one per argument, or one per line "
+        "of --file (- for stdin; stdin when neither is given). With --to-receiver URL --source S, "
+        "each line is signed with that source's scheme and first secret (HERALD_RECEIVER__SOURCES) "
+        "and POSTed to URL/webhooks/S, as the sender would: for backfills and tests.",
+    )
+    s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none and no --file")
+    s.add_argument("--file", metavar="FILE", help="one event per line (- for stdin); shows a progress bar")
     s.add_argument("--topic", help="default: <prefix>.events")
     s.add_argument("--key", help="record key")
+    s.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a Kafka header, or an HTTP header with --to-receiver (repeatable)",
+    )
+    s.add_argument("--to-receiver", metavar="URL", help="a receiver's base URL, e.g. $HERALD_RECEIVER_URL")
+    s.add_argument("--source", metavar="S", help="with --to-receiver: the source to post as")
     s.set_defaults(func=cmd_produce)
+
+    s = sub.add_parser(
+        "receiver",
+        help="the webhook receiver: signed POST /webhooks/<source> in, records on <prefix>.events out",
+        description="Serve POST /webhooks/<source> on HERALD_RECEIVER__HOST:HERALD_RECEIVER__PORT "
+        "(default 127.0.0.1:8700) for the sources in HERALD_RECEIVER__SOURCES; answer 202 only once "
+        "the broker has the record. /healthz on that port and on HERALD_METRICS_PORT, with /metrics.",
+    )
+    s.set_defaults(func=cmd_receiver)
 
     s = sub.add_parser("prefs", help="show or change a user's notification preferences")
     psub = s.add_subparsers(dest="prefs_command", required=True, metavar="ACTION")
