@@ -213,9 +213,9 @@ class SourceSettings(BaseModel):
 def standard_webhooks_key(secret: str) -> bytes:
     """A Standard Webhooks secret is base64, optionally prefixed ``whsec_``; checked at start-up,
     so a mistyped secret is a settings error, not a 401 for every request."""
-    raw = secret.removeprefix("whsec_")
+    raw = secret.removeprefix("whsec_").rstrip("=")
     try:
-        key = base64.b64decode(raw + "==", validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if not key:

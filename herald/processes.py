@@ -121,6 +121,7 @@ class ReceiverRun:
         self._server: Any = None
         self._sock: socket.socket | None = None
         self.port = 0
+        self.metrics_port: int | None = None
 
     def __enter__(self) -> ReceiverRun:
         from core.web import bind, bound_port, server
@@ -137,11 +138,12 @@ class ReceiverRun:
             health = BrokerHealth(stale_after=probe_timeout + 2.0)
             if self.settings.metrics_port >= 0:
                 metrics_server = serve(self.settings.metrics_host, self.settings.metrics_port, health)
+                self.metrics_port = int(metrics_server.server_port)
                 self._stack.callback(metrics_server.server_close)
                 self._stack.callback(metrics_server.shutdown)
             # Before the producer: its health probe asks for the topic's metadata, and a broker
             # that creates topics on demand would otherwise create it with its own defaults.
-            ensure_topics(self.settings, [topics.events])
+            ensure_topics(self.settings, [topics.events], timeout=max(5.0, 3 * cfg.ack_timeout_s))
             producer = AckingProducer(
                 self.settings,
                 probe_topic=topics.events,

@@ -27,6 +27,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from config.settings import SourceSettings, standard_webhooks_key
 from core.errors import PermanentError
 
+NO_MATCH = "no matching signature"
+
 
 class SignatureError(PermanentError):
     """The request is not signed by this source: missing or bad signature, stale timestamp."""
@@ -86,14 +88,16 @@ class StandardWebhooks:
                 "body is not UTF-8, so it cannot carry a standard-webhooks signature"
             ) from None
         plain = {k: v for k, v in wanted.items() if v is not None}
-        last = "no matching signature"
+        last = NO_MATCH
         for hook in self._hooks:
             try:
                 hook.verify(text, plain, json_parse=False)
                 return
             except WebhookVerificationError as exc:
                 last = str(exc).lower()
-                if "no matching signature" not in last:
+                if NO_MATCH in last:
+                    last = NO_MATCH
+                else:
                     break  # a timestamp or header problem: the same for every secret
             except (ValueError, binascii.Error):
                 # An entry without "v1,", or a signature that is not base64.
@@ -153,7 +157,7 @@ class Stripe:
             expected = hmac.new(secret, signed, hashlib.sha256).digest()
             if any(hmac.compare_digest(expected, c) for c in candidates):
                 return
-        raise SignatureError("no matching signature")
+        raise SignatureError(NO_MATCH)
 
     def event_id(self, body: bytes, headers: Mapping[str, str]) -> str | None:
         """Stripe names the event in the body (``{"id": "evt_…"}``), not in a header."""
@@ -205,7 +209,7 @@ class HmacHeader:
         for secret in self._secrets:
             if hmac.compare_digest(hmac.new(secret, body, self._digest).digest(), given):
                 return
-        raise SignatureError("no matching signature")
+        raise SignatureError(NO_MATCH)
 
     def _decode(self, text: str) -> bytes:
         if self._encoding == "hex":
