@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -79,6 +81,18 @@ def bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
+class Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM or SIGINT once it has shut down gracefully, so the process would
+    end killed by the signal (exit -15) instead of exiting 0 like every other herald process.
+    Here a signal only asks for the graceful stop; a second SIGINT still forces it."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
 def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) -> uvicorn.Server:
     """A uvicorn server for ``app``, without access logs (they would print paths with tokens).
 
@@ -95,4 +109,4 @@ def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) ->
         server_header=False,
         proxy_headers=False,
     )
-    return uvicorn.Server(config)
+    return Server(config)
