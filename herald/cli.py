@@ -163,9 +163,12 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
     from herald.demo import run_demo
 
-    return run_demo(settings)
+    # After `set -a; . .herald/dev.env`: a few events go through the dev stack's receiver.
+    return run_demo(settings, receiver_url=os.environ.get("HERALD_RECEIVER_URL"))
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
