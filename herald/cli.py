@@ -172,6 +172,16 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bench_command == "receiver":
+        from herald.bench.receiver import run_receiver_bench
+
+        return run_receiver_bench(
+            settings,
+            requests=args.requests,
+            duration=args.duration,
+            concurrency=args.concurrency,
+            loadgen=args.loadgen,
+        )
     from herald.bench.ingest import run_ingest_bench
 
     return run_ingest_bench(
@@ -376,6 +386,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="N `herald ingest` processes in one group (default 1: in-process, group join excluded)",
+    )
+    br = bsub.add_parser(
+        "receiver",
+        help="signed webhooks per second through `herald receiver`, with p50/p99 latency",
+        description="Starts `herald receiver` (its own process) and loads it with pre-signed "
+        "standard-webhooks requests from wrk (when installed) or an asyncio client; every 202 "
+        "is checked against the topic. The last line is one JSON object.",
+    )
+    br.add_argument(
+        "--requests", type=int, default=40_000, help="pre-signed distinct requests (default 40000)"
+    )
+    br.add_argument(
+        "--duration", type=float, default=10.0, metavar="S", help="wrk: seconds of load (default 10)"
+    )
+    br.add_argument("--concurrency", type=int, default=32, metavar="C", help="connections (default 32)")
+    br.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="wrk if installed (auto), or the asyncio client (sends each request once)",
     )
     s.set_defaults(func=cmd_bench)
     return p
