@@ -117,7 +117,6 @@ RECEIVER_OUTCOMES = (
     "too_large",
     "unsupported_media_type",
     "unknown_source",
-    "bad_request",
     "unavailable",
 )
 
@@ -138,7 +137,7 @@ def receiver() -> ReceiverMetrics:
         requests=Counter(
             "herald_receiver_requests",
             "Webhook requests by source and outcome: accepted (202 after the broker's ack), "
-            "unauthorized, too_large, unsupported_media_type, unknown_source, bad_request, "
+            "unauthorized, too_large, unsupported_media_type, unknown_source, "
             "unavailable (503).",
             ["source", "outcome"],
         ),

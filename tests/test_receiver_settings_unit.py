@@ -102,3 +102,13 @@ def test_each_mistake_is_one_clear_line(sources: dict[str, object], message: str
 def test_secrets_never_print() -> None:
     r = ReceiverSettings(sources={"a": {"scheme": "github", "secrets": ["very-secret-value"]}})
     assert "very-secret-value" not in repr(r) and "very-secret-value" not in str(r.model_dump())
+
+
+def test_the_example_settings_file_loads() -> None:
+    root = Path(__file__).resolve().parents[1]
+    r = load_settings(root / "herald.example.toml").receiver
+    assert {k: v.scheme for k, v in r.sources.items()} == {
+        "stripe": "stripe",
+        "github": "github",
+        "billing": "standard-webhooks",
+    }
