@@ -9,6 +9,7 @@ notification per distinct event; /healthz and /metrics.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -212,8 +213,10 @@ def test_healthz_on_both_ports_and_metrics(settings: Settings) -> None:
 
 
 def _stop_while_in_flight(s: Settings, n: int) -> tuple[list[Any], list[Record]]:
-    """Stop the receiver while requests are in flight; return their replies and the topic."""
+    """Stop the receiver as soon as one request was accepted, with others in flight; return
+    every request's reply (a status, or the error of a request the stopped server refused)."""
     replies: list[Any] = []
+    first = threading.Event()
     with running_receiver(s) as run:
         scheme = scheme_for(s.receiver.sources["sw"])
         bodies = [envelope(f"evt-{k}") for k in range(n)]
@@ -221,7 +224,10 @@ def _stop_while_in_flight(s: Settings, n: int) -> tuple[list[Any], list[Record]]
         def one(k: int) -> Any:
             c = Client(run.url)
             try:
-                return c.post("/webhooks/sw", bodies[k], scheme.sign(bodies[k], event_id=f"msg-{k}")).status
+                status = c.post("/webhooks/sw", bodies[k], scheme.sign(bodies[k], event_id=f"msg-{k}")).status
+                if status == 202:
+                    first.set()
+                return status
             except OSError as exc:
                 return exc
             finally:
@@ -229,7 +235,7 @@ def _stop_while_in_flight(s: Settings, n: int) -> tuple[list[Any], list[Record]]
 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, k) for k in range(n)]
-            time.sleep(0.05)
+            assert first.wait(30), "no request was accepted"
             run.stop()  # as SIGTERM does
             replies = [f.result() for f in futures]
     return replies, events(s)
