@@ -68,7 +68,12 @@ class AckingProducer:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except Exception:
+                # An exception from a callback surfaces here; this thread must outlive it, or
+                # no request would ever see its ack again.
+                log.exception("producer poll: a delivery callback failed")
 
     def _probe(self) -> None:
         while not self._stop.is_set():
@@ -123,7 +128,7 @@ class AckingProducer:
         fut: asyncio.Future[Position] = loop.create_future()
 
         def done(exc: HeraldError | None, pos: Position | None) -> None:
-            loop.call_soon_threadsafe(_resolve, fut, exc, pos)
+            hand_over(loop, fut, exc, pos)
 
         self.produce(rec, done)
         return await asyncio.wait_for(fut, timeout)
@@ -144,6 +149,21 @@ class AckingProducer:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=self._probe_timeout + 1)
+
+
+def hand_over(
+    loop: asyncio.AbstractEventLoop,
+    fut: asyncio.Future[Position],
+    exc: HeraldError | None,
+    pos: Position | None,
+) -> None:
+    """From the poll thread to the request's loop. A record that outlived its request (a 503
+    answered, then the ack came) may be acknowledged after that loop has closed, during the
+    final flush: nobody waits for it any more, and that must not raise into librdkafka."""
+    try:
+        loop.call_soon_threadsafe(_resolve, fut, exc, pos)
+    except RuntimeError:  # the loop is closed
+        pass
 
 
 def _resolve(fut: asyncio.Future[Position], exc: HeraldError | None, pos: Position | None) -> None:
