@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from config.settings import ReceiverSettings
+from config.settings import ReceiverSettings, SourceSettings
 from core import metrics
 from core.errors import BrokerMisconfigured, HeraldError
 from core.web import healthz_route, problem
@@ -53,6 +53,11 @@ class Source:
     scheme: Scheme
     # (header name as forwarded, lower-case name to look up)
     forward: tuple[tuple[str, str], ...]
+
+
+def source(name: str, cfg: SourceSettings) -> Source:
+    scheme = scheme_for(cfg)
+    return Source(name, scheme, tuple((h, h.lower()) for h in scheme.forward))
 
 
 class TooLarge(Exception):
@@ -111,15 +116,7 @@ class Receiver:
         self._settings = settings
         self._producer = producer
         self._topic = topic
-        self._sources = {
-            name: Source(
-                name,
-                scheme,
-                tuple((h, h.lower()) for h in scheme.forward),
-            )
-            for name, cfg in settings.sources.items()
-            for scheme in (scheme_for(cfg),)
-        }
+        self._sources = {name: source(name, cfg) for name, cfg in settings.sources.items()}
         self._metrics = metrics.receiver()
         for name in (*self._sources, UNKNOWN):
             for outcome in metrics.RECEIVER_OUTCOMES:
