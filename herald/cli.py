@@ -61,8 +61,11 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--to-receiver needs --source: the source whose scheme and secret sign each line")
     if args.source and not args.to_receiver:
         raise ConfigError("--source goes with --to-receiver URL")
-    if args.to_receiver and args.topic:
-        raise ConfigError("--topic and --to-receiver do not go together: the receiver picks the topic")
+    if args.to_receiver and (args.topic or args.key):
+        raise ConfigError(
+            "--topic and --key do not go with --to-receiver: the receiver picks the topic and keys "
+            "each record by source and event id"
+        )
     headers = [_header(h) for h in args.header]
     lines = args.events or read_lines(args.file or "-")
     bar = ProgressBar(len(lines)) if args.file else None

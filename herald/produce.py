@@ -130,11 +130,14 @@ class ReceiverClient:
                 if resp.getheader("connection", "").lower() == "close":
                     self.close()
                 return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-            except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
+            except (ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest) as exc:
+                # The server closed an idle keep-alive connection: reconnect once.
                 self.close()
                 if attempt == 2:
-                    raise
-            except OSError as exc:
+                    raise HeraldError(
+                        f"the receiver at {self._parts.geturl()} dropped the connection"
+                    ) from exc
+            except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise HeraldError(f"cannot reach the receiver at {self._parts.geturl()}: {exc}") from exc
         raise AssertionError("unreachable")

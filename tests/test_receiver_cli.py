@@ -166,3 +166,15 @@ def test_produce_a_file_with_headers_to_the_topic(settings: Settings, tmp_path: 
     assert sum(1 for r in recs if r.headers.get("herald-source") == b"backfill") == 7
     out = herald_cli("produce", "--file", str(tmp_path / "missing.jsonl"), env=env)
     assert out.returncode == 2 and out.stderr.startswith("herald: cannot read")
+
+
+def test_produce_to_an_unreachable_receiver_is_one_line() -> None:
+    env = {"HERALD_RECEIVER__SOURCES": json.dumps(SOURCES)}
+    out = herald_cli(
+        "produce", "--to-receiver", f"http://127.0.0.1:{free_port()}", "--source", "gh", "{}", env=env
+    )
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the receiver" in lines[0], out.stderr
+    out = herald_cli("produce", "--to-receiver", "http://x", "--source", "gh", "--key", "k", "{}", env=env)
+    assert out.returncode == 2 and "--key do not go with --to-receiver" in out.stderr
