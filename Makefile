@@ -19,14 +19,16 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/herald dev
 
-# kcat (Debian's) is the independent Kafka client the dev-stack test checks dev.env with.
-KCAT := $(shell command -v kcat 2>/dev/null)
+# Debian packages the tests use: kcat, the independent Kafka client the dev-stack test checks
+# dev.env with; wrk, the load generator of `herald bench receiver` (tests/test_bench_receiver.py).
+DEB_TOOLS := kcat wrk
+MISSING_TOOLS := $(foreach t,$(DEB_TOOLS),$(if $(shell command -v $(t) 2>/dev/null),,$(t)))
 tools:
-ifeq ($(KCAT),)
+ifneq ($(strip $(MISSING_TOOLS)),)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat >/dev/null; } \
-			|| echo "could not install kcat: tests/test_dev.py will say so"; \
-	else echo "kcat is missing: install it (Debian: apt-get install kcat) for tests/test_dev.py"; fi
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MISSING_TOOLS) >/dev/null; } \
+			|| echo "could not install $(MISSING_TOOLS): the tests that use them will say so"; \
+	else echo "missing: $(MISSING_TOOLS); install them (Debian: apt-get install $(MISSING_TOOLS)) for the tests"; fi
 endif
 
 # The layers contract first: an upward import fails in seconds, naming the import.
@@ -42,6 +44,7 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/herald bench ingest
+	$(BIN)/herald bench receiver
 
 clean:
 	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache .hypothesis

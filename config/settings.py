@@ -10,15 +10,19 @@ single underscores (``HERALD_KAFKA__SASL_MECHANISM=PLAIN`` becomes
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -198,6 +202,155 @@ class ApiSettings(BaseModel):
         return self
 
 
+# Verification schemes of the webhook receiver (producers/signatures.py implements them).
+SCHEMES: tuple[str, ...] = ("standard-webhooks", "stripe", "github", "hmac-header", "none")
+HMAC_ALGORITHMS: tuple[str, ...] = ("sha256", "sha1", "sha512")
+# A source's name is a URL path segment (/webhooks/<name>) and the herald-source header.
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# A header name as HTTP allows it (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class SourceSettings(BaseModel):
+    """One sender of webhooks: how its requests are verified, and what of them goes downstream.
+
+    ``secrets`` holds several secrets during a rotation: a request signed with any of them
+    passes. ``scheme = "none"`` accepts unsigned requests, so it must be asked for twice
+    (``allow_unsigned = true``): a typo in a scheme name must never open a source.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: str
+    # A JSON list, or (so that a shell can source it unquoted) one secret or several separated by commas.
+    secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    allow_unsigned: bool = False
+    # hmac-header: the header carrying the signature, the digest, how it is written, and a
+    # prefix before it (e.g. "sha256="). The signed message is the raw body.
+    header: str | None = None
+    algorithm: str = "sha256"
+    encoding: str = "hex"
+    prefix: str = ""
+    # stripe: how old (or how far in the future) a signed timestamp may be.
+    # (standard-webhooks: 5 minutes, fixed by the specification and its library.)
+    tolerance_s: int = Field(default=300, ge=1)
+    # hmac-header and none: a header with the sender's event id (the record key and dedupe hint).
+    id_header: str | None = None
+    # Request headers put on the record as Kafka headers, besides the scheme's own
+    # (GitHub's X-GitHub-Event and X-GitHub-Delivery, Standard Webhooks' webhook-id, ...).
+    forward_headers: tuple[str, ...] = ()
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secret_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ValueError("secrets: not a JSON list of strings") from None
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value not in SCHEMES:
+            raise ValueError(f"unknown scheme {value!r}: use one of {', '.join(SCHEMES)}")
+        return value
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        if value not in HMAC_ALGORITHMS:
+            raise ValueError(f"unknown algorithm {value!r}: use one of {', '.join(HMAC_ALGORITHMS)}")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        if value not in ("hex", "base64"):
+            raise ValueError(f"unknown encoding {value!r}: use hex or base64")
+        return value
+
+    @field_validator("header", "id_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an HTTP header name")
+        return value
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _header_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_fit_the_scheme(self) -> SourceSettings:
+        if self.scheme == "none":
+            if not self.allow_unsigned:
+                raise ValueError(
+                    'scheme "none" accepts unsigned requests: set "allow_unsigned": true to mean it'
+                )
+            return self
+        if not self.secrets or any(not s.get_secret_value() for s in self.secrets):
+            raise ValueError(f"scheme {self.scheme!r} needs at least one non-empty secret in secrets")
+        if self.scheme == "hmac-header" and not self.header:
+            raise ValueError('scheme "hmac-header" needs "header": the header that carries the signature')
+        if self.scheme == "standard-webhooks":
+            for secret in self.secrets:
+                standard_webhooks_key(secret.get_secret_value())
+        return self
+
+
+def standard_webhooks_key(secret: str) -> bytes:
+    """A Standard Webhooks secret is base64, optionally prefixed ``whsec_``; checked at start-up,
+    so a mistyped secret is a settings error, not a 401 for every request."""
+    raw = secret.removeprefix("whsec_").rstrip("=")
+    try:
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not key:
+        raise ValueError("a standard-webhooks secret is base64 (optionally whsec_…): one of secrets is not")
+    return key
+
+
+class ReceiverSettings(BaseModel):
+    """``herald receiver``: signed webhooks over HTTP in, records on herald.events out."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port (tests, the bench).
+    port: int = Field(default=8700, ge=0, le=65535)
+    sources: dict[str, SourceSettings] = Field(default_factory=dict)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # How long a request waits for the broker's acknowledgement before a 503.
+    ack_timeout_s: float = Field(default=5.0, gt=0)
+    # What a 503 tells the sender to wait (Retry-After, seconds).
+    retry_after_s: int = Field(default=5, ge=1)
+    # On SIGTERM: how long requests in flight may take to finish, then the producer is flushed.
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    # librdkafka's linger: a few ms batch concurrent requests into one produce request.
+    linger_ms: int = Field(default=2, ge=0)
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, value: dict[str, SourceSettings]) -> dict[str, SourceSettings]:
+        for name in value:
+            if not _SOURCE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"source name {name!r}: letters, digits, '.', '_' and '-' only "
+                    "(it is a URL path segment), at most 100 characters"
+                )
+        return value
+
+
 class Settings(BaseSettings):
     """Everything a herald process needs, read once in ``main``."""
 
@@ -243,6 +396,7 @@ class Settings(BaseSettings):
     metrics_port: int = 9400
 
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     # The product's web app: the base of relative target_urls in external messages.

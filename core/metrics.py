@@ -220,3 +220,46 @@ def api() -> ApiMetrics:
     for route in API_ROUTES:
         m.request_seconds.labels(route)
     return m
+
+
+RECEIVER_OUTCOMES = (
+    "accepted",
+    "unauthorized",
+    "too_large",
+    "unsupported_media_type",
+    "unknown_source",
+    "unavailable",
+)
+
+
+@dataclass(frozen=True)
+class ReceiverMetrics:
+    """``herald receiver``'s own. ``source`` is a configured source name, or ``unknown``
+    for a path that names none (never the name a stranger put in the URL)."""
+
+    requests: Counter
+    request_seconds: Histogram
+    queue_depth: Gauge
+
+
+@cache
+def receiver() -> ReceiverMetrics:
+    return ReceiverMetrics(
+        requests=Counter(
+            "herald_receiver_requests",
+            "Webhook requests by source and outcome: accepted (202 after the broker's ack), "
+            "unauthorized, too_large, unsupported_media_type, unknown_source, "
+            "unavailable (503).",
+            ["source", "outcome"],
+        ),
+        request_seconds=Histogram(
+            "herald_receiver_request_seconds",
+            "Wall time of one webhook request, from its first byte read to the answer, by source.",
+            ["source"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        ),
+        queue_depth=Gauge(
+            "herald_receiver_producer_queue",
+            "Records handed to the producer and not yet acknowledged by the broker.",
+        ),
+    )

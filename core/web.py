@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
 from collections.abc import Callable
 from http import HTTPStatus
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -81,6 +83,18 @@ def bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
+class Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM or SIGINT once it has shut down gracefully, so the process would
+    end killed by the signal (exit -15) instead of exiting 0 like every other herald process.
+    Here a signal only asks for the graceful stop; a second SIGINT still forces it."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
 def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) -> uvicorn.Server:
     """A uvicorn server for ``app``, without access logs (they would print paths with tokens).
 
@@ -97,7 +111,7 @@ def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) ->
         server_header=False,
         proxy_headers=False,
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 class HttpProblem(Exception):

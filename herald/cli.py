@@ -84,18 +84,32 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.publisher import KafkaPublisher, OutRecord
-    from producers.topics import Topics
+    """Events to the topic, or (``--to-receiver``) signed POSTs to a running receiver."""
+    from herald.produce import ProgressBar, post_to_receiver, produce_to_topic, read_lines
 
-    topic = args.topic or Topics(settings.topic_prefix).events
-    lines = args.events or [line for line in sys.stdin.read().splitlines() if line.strip()]
-    records = [
-        OutRecord(topic=topic, value=line.encode(), key=args.key.encode() if args.key else None)
-        for line in lines
-    ]
-    publisher = KafkaPublisher(settings)
-    publisher.publish(records)
-    print(f"produced {len(records)} record(s) to {topic}")
+    if args.events and args.file:
+        raise ConfigError("give events as arguments or --file, not both")
+    if args.to_receiver and not args.source:
+        raise ConfigError("--to-receiver needs --source: the source whose scheme and secret sign each line")
+    if args.source and not args.to_receiver:
+        raise ConfigError("--source goes with --to-receiver URL")
+    if args.to_receiver and (args.topic or args.key):
+        raise ConfigError(
+            "--topic and --key do not go with --to-receiver: the receiver picks the topic and keys "
+            "each record by source and event id"
+        )
+    headers = [_header(h) for h in args.header]
+    lines = args.events or read_lines(args.file or "-")
+    bar = ProgressBar(len(lines)) if args.file else None
+    if args.to_receiver:
+        return post_to_receiver(settings, args.to_receiver, args.source, lines, headers, bar)
+    return produce_to_topic(settings, args.topic, args.key, lines, headers, bar)
+
+
+def cmd_receiver(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.processes import run_receiver
+
+    run_receiver(settings)
     return 0
 
 
@@ -206,9 +220,12 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
     from herald.demo import run_demo
 
-    return run_demo(settings)
+    # After `set -a; . .herald/dev.env`: a few events go through the dev stack's receiver.
+    return run_demo(settings, receiver_url=os.environ.get("HERALD_RECEIVER_URL"))
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -223,6 +240,16 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             warmup=args.warmup,
             connections=args.connections,
             count_connections=args.count_connections,
+        )
+    if args.bench_command == "receiver":
+        from herald.bench.receiver import run_receiver_bench
+
+        return run_receiver_bench(
+            settings,
+            requests=args.requests,
+            duration=args.duration,
+            concurrency=args.concurrency,
+            loadgen=args.loadgen,
         )
     from herald.bench.ingest import run_ingest_bench
 
@@ -380,11 +407,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
     s.set_defaults(func=cmd_token)
 
-    s = sub.add_parser("produce", help="produce events (JSON, one per argument or stdin line)")
-    s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none")
+    s = sub.add_parser(
+        "produce",
+        help="produce events (JSON, one per argument or line), or POST them signed to a receiver",
+        description="Produce events to <prefix>.events (or --topic), one per argument, or one per line "
+        "of --file (- for stdin; stdin when neither is given). With --to-receiver URL --source S, "
+        "each line is signed with that source's scheme and first secret (HERALD_RECEIVER__SOURCES) "
+        "and POSTed to URL/webhooks/S, as the sender would: for backfills and tests.",
+    )
+    s.add_argument("events", nargs="*", help="JSON events; read stdin lines when none and no --file")
+    s.add_argument("--file", metavar="FILE", help="one event per line (- for stdin); shows a progress bar")
     s.add_argument("--topic", help="default: <prefix>.events")
     s.add_argument("--key", help="record key")
+    s.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a Kafka header, or an HTTP header with --to-receiver (repeatable)",
+    )
+    s.add_argument("--to-receiver", metavar="URL", help="a receiver's base URL, e.g. $HERALD_RECEIVER_URL")
+    s.add_argument("--source", metavar="S", help="with --to-receiver: the source to post as")
     s.set_defaults(func=cmd_produce)
+
+    s = sub.add_parser(
+        "receiver",
+        help="the webhook receiver: signed POST /webhooks/<source> in, records on <prefix>.events out",
+        description="Serve POST /webhooks/<source> on HERALD_RECEIVER__HOST:HERALD_RECEIVER__PORT "
+        "(default 127.0.0.1:8700) for the sources in HERALD_RECEIVER__SOURCES; answer 202 only once "
+        "the broker has the record. /healthz on that port and on HERALD_METRICS_PORT, with /metrics.",
+    )
+    s.set_defaults(func=cmd_receiver)
 
     s = sub.add_parser("prefs", help="show or change a user's notification preferences")
     psub = s.add_subparsers(dest="prefs_command", required=True, metavar="ACTION")
@@ -455,6 +508,26 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--connections", type=int, default=32, help="keep-alive connections, list phase")
     ba.add_argument(
         "--count-connections", type=int, default=4, help="keep-alive connections, unread-count phase"
+    )
+    br = bsub.add_parser(
+        "receiver",
+        help="signed webhooks per second through `herald receiver`, with p50/p99 latency",
+        description="Starts `herald receiver` (its own process) and loads it with pre-signed "
+        "standard-webhooks requests from wrk (when installed) or an asyncio client; every 202 "
+        "is checked against the topic. The last line is one JSON object.",
+    )
+    br.add_argument(
+        "--requests", type=int, default=40_000, help="pre-signed distinct requests (default 40000)"
+    )
+    br.add_argument(
+        "--duration", type=float, default=10.0, metavar="S", help="wrk: seconds of load (default 10)"
+    )
+    br.add_argument("--concurrency", type=int, default=32, metavar="C", help="connections (default 32)")
+    br.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="wrk if installed (auto), or the asyncio client (sends each request once)",
     )
     s.set_defaults(func=cmd_bench)
     return p

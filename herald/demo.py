@@ -15,9 +15,12 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from channels.webhook import new_secret
 from config.settings import Settings
+from core.errors import HeraldError
 from herald.inspect import read_topic, wait_committed
 from herald.processes import INGEST_GROUP
-from producers.publisher import KafkaPublisher, OutRecord
+from herald.produce import ReceiverClient
+from producers.publisher import KafkaPublisher, OutRecord, Position
+from producers.signatures import scheme_for
 from producers.topics import Topics
 from storage.db import Database
 from storage.preferences import add_endpoint, set_preferences
@@ -86,6 +89,9 @@ class LoopbackReceiver:
         return code
 
 
+DEMO_SOURCE = "dev"
+
+
 PUSH_SUB = '{"endpoint":"https://push.example/abc","keys":{"p256dh":"BAbc","auth":"xyz"}}'
 
 
@@ -148,7 +154,35 @@ def sample_events(run: str) -> list[dict[str, Any] | bytes]:
     return events
 
 
-def run_demo(settings: Settings) -> int:
+# Sample events the demo sends through the webhook receiver (when one runs) rather than
+# straight to the topic: the same events, so the report is the same either way.
+VIA_RECEIVER = ("comment.added", "api_key.created")
+
+
+def post_via_receiver(settings: Settings, url: str, events: list[dict[str, Any]]) -> list[Position]:
+    """Sign each event as a Standard Webhooks sender would and POST it to the ``dev`` source;
+    a 202 says where the broker stored it."""
+    scheme = scheme_for(settings.receiver.sources[DEMO_SOURCE])
+    client = ReceiverClient(url)
+    positions: list[Position] = []
+    try:
+        for e in events:
+            body = json.dumps(e).encode()
+            headers = {
+                "Content-Type": "application/json",
+                **scheme.sign(body, event_id=f"msg_{uuid.uuid4().hex}"),
+            }
+            status, _, data = client.post(f"/webhooks/{DEMO_SOURCE}", body, headers)
+            if status != 202:
+                raise HeraldError(f"the receiver at {url} answered {status} to a demo event")
+            reply = json.loads(data)
+            positions.append((reply["topic"], reply["partition"], reply["offset"]))
+    finally:
+        client.close()
+    return positions
+
+
+def run_demo(settings: Settings, receiver_url: str | None = None) -> int:
     run = uuid.uuid4().hex[:6]
     hooks = LoopbackReceiver()
     db = Database.from_settings(settings)
@@ -168,14 +202,24 @@ def run_demo(settings: Settings) -> int:
         db.close()
     topics = Topics(settings.topic_prefix)
     events = sample_events(run)
+    use_receiver = bool(receiver_url) and DEMO_SOURCE in settings.receiver.sources
+    posted = [e for e in events if use_receiver and isinstance(e, dict) and e["type"] in VIA_RECEIVER]
     records = [
         OutRecord(topics.events, e if isinstance(e, bytes) else json.dumps(e).encode(), key=run.encode())
         for e in events
+        if not any(e is p for p in posted)
     ]
     publisher = KafkaPublisher(settings)
     positions = publisher.publish(records)
     publisher.close()
-    print(f"\ndemo {run}: sent {len(records)} records to {topics.events}; waiting for ingest ...", flush=True)
+    via = ""
+    if posted and receiver_url:
+        positions += post_via_receiver(settings, receiver_url, posted)
+        via = f" and {len(posted)} through the webhook receiver ({receiver_url})"
+    print(
+        f"\ndemo {run}: sent {len(records)} records to {topics.events}{via}; waiting for ingest ...",
+        flush=True,
+    )
     started = time.monotonic()
     targets: dict[tuple[str, int], int] = {}
     for t, p, o in positions:

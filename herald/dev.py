@@ -1,13 +1,19 @@
 """``herald dev``: the whole pipeline on an embedded broker and PostgreSQL.
 
-Start-up order: PostgreSQL, broker, migrations, topics, the herald processes (ingest, the API);
-only when all of them are ready is ``.herald/dev.env`` written. Shutdown (Ctrl-C
+Start-up order: PostgreSQL, broker, migrations, topics, the herald processes (ingest,
+one deliverer per channel, the API, and the webhook receiver on a free port); only when
+all of them are ready is ``.herald/dev.env`` written. With no receiver source configured,
+the receiver gets a ``dev`` source (standard-webhooks) with a secret generated for this
+run, written to dev.env so that ``herald produce --to-receiver "$HERALD_RECEIVER_URL"
+--source dev`` can sign for it. ``--no-processes`` starts only the broker, PostgreSQL,
+migrations and topics. Shutdown (Ctrl-C
 or SIGTERM) runs in reverse: SIGTERM to the processes (each finishes its batch
 and commits), then the broker and PostgreSQL, then dev.env is removed.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import secrets
@@ -20,7 +26,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from config.settings import Settings
+from config.settings import Settings, SourceSettings
 from consumers.loop import Stopper
 from herald.embedded import EmbeddedStack, free_port
 from herald.inspect import wait_group_stable
@@ -30,12 +36,15 @@ from storage.migrate import migrate
 
 log = logging.getLogger(__name__)
 
+DEV_SOURCE = "dev"
+
 
 class Child:
     """One herald process under ``herald dev``, with its log file and metrics port."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path, url: str = "") -> None:
         self.name = name
+        self.url = url  # where it serves (the receiver), if anywhere
         self.metrics_port = free_port()
         self.log_path = logdir / f"{name}.log"
         env = {**env, "HERALD_METRICS_PORT": str(self.metrics_port), "HERALD_METRICS_HOST": "127.0.0.1"}
@@ -61,7 +70,8 @@ class Child:
                 self.proc.wait()
 
 
-def dev_env_lines(settings: Settings) -> str:
+def dev_env_lines(settings: Settings, receiver_url: str | None = None) -> str:
+    """What dev.env holds; every value is shell-safe unquoted (``set -a; . dev.env``)."""
     lines = (
         f"HERALD_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}\n"
         f"HERALD_DATABASE_URL={settings.database_url.get_secret_value()}\n"
@@ -75,6 +85,8 @@ def dev_env_lines(settings: Settings) -> str:
         lines += f"HERALD_UNSUBSCRIBE_SECRET={settings.unsubscribe_secret.get_secret_value()}\n"
     if settings.public_url is not None:
         lines += f"HERALD_PUBLIC_URL={settings.public_url}\n"
+    if receiver_url:
+        lines += f"HERALD_RECEIVER_URL={receiver_url}\n"
     return lines
 
 
@@ -100,6 +112,23 @@ def with_api(settings: Settings, port: int) -> Settings:
 
 def api_url(settings: Settings) -> str:
     return f"http://{settings.api.host}:{settings.api.port}"
+
+
+def dev_source(settings: Settings) -> tuple[Settings, dict[str, str]]:
+    """Without any configured source, a ``dev`` one (standard-webhooks, a secret generated for
+    this run), so the receiver under ``herald dev`` accepts signed requests at once.
+
+    Returns the settings with it, and its variables for the receiver and for dev.env: one
+    setting per variable and the secret as a plain string, since JSON would need quotes
+    that ``. dev.env`` strips. A source the operator configured is never written out."""
+    if settings.receiver.sources:
+        return settings, {}
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    source = SourceSettings(scheme="standard-webhooks", secrets=(SecretStr(secret),))
+    receiver = settings.receiver.model_copy(update={"sources": {DEV_SOURCE: source}})
+    prefix = f"HERALD_RECEIVER__SOURCES__{DEV_SOURCE.upper()}"
+    env = {f"{prefix}__SCHEME": "standard-webhooks", f"{prefix}__SECRETS": secret}
+    return settings.model_copy(update={"receiver": receiver}), env
 
 
 def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
@@ -154,6 +183,7 @@ def run_dev(
                 "database_url": SecretStr(embedded.postgres.url),
             }
         )
+        dev, source_env = dev_source(dev)
         migrate(embedded.postgres.url)
         topics = Topics(dev.topic_prefix)
         channel_topics = [t for c in PROVIDERS for t in topics.channel_topics(c, dev.delivery.retry_tiers)]
@@ -163,6 +193,7 @@ def run_dev(
         dev = with_api(dev, free_port())
         child_env = child_environment(os.environ, dev, config_file)
         children: list[Child] = []
+        receiver_url: str | None = None
         if processes:
             children = [
                 Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)
@@ -172,6 +203,15 @@ def run_dev(
             children += [
                 Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS
             ]
+            receiver_port = free_port()
+            receiver_url = f"http://127.0.0.1:{receiver_port}"
+            receiver_env = {
+                **child_env,
+                **source_env,
+                "HERALD_RECEIVER__HOST": "127.0.0.1",
+                "HERALD_RECEIVER__PORT": str(receiver_port),
+            }
+            children.append(Child("receiver", ["receiver"], receiver_env, logdir, url=receiver_url))
             # Only the API child gets the port: `herald api` from a dev.env shell must not collide.
             children.append(
                 Child("api", ["api"], {**child_env, "HERALD_API__PORT": str(dev.api.port)}, logdir)
@@ -179,7 +219,7 @@ def run_dev(
         for child in reversed(children):
             stack.callback(child.stop)
         _wait_healthy(children)
-        env_lines = dev_env_lines(dev)
+        env_lines = dev_env_lines(dev, receiver_url) + "".join(f"{k}={v}\n" for k, v in source_env.items())
         if processes:
             _wait_answering(f"{api_url(dev)}/healthz", children[-1])
             # Ready means consuming: every group has joined and owns its partitions.
@@ -193,7 +233,7 @@ def run_dev(
         if demo:
             from herald.demo import run_demo
 
-            run_demo(dev)
+            run_demo(dev, receiver_url=receiver_url)
             print("\nherald dev keeps running; Ctrl-C stops it.", flush=True)
         while not stopper.event.wait(1.0):
             for child in children:
@@ -234,5 +274,12 @@ def _print_ready(settings: Settings, env_file: Path, children: list[Child], topi
         flush=True,
     )
     for child in children:
+        if child.url:
+            print(f"  {child.name:<16} {child.url}/webhooks/<source>")
         print(f"  {child.name:<16} http://127.0.0.1:{child.metrics_port}/metrics   log {child.log_path}")
+    if DEV_SOURCE in settings.receiver.sources:
+        print(
+            f'  {"":<16} herald produce --to-receiver "$HERALD_RECEIVER_URL" --source {DEV_SOURCE} '
+            '\'{"id":"2","type":"t","title":"Hi","user_id":"u1"}\''
+        )
     print(flush=True)

@@ -97,6 +97,11 @@ class EmbeddedBroker:
                 time.sleep(0.1)
         raise BrokerUnavailable(f"broker not ready on {self.bootstrap} after {timeout}s")
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (tests freeze it with SIGSTOP to simulate an outage)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def stop(self) -> None:
         if self._proc is None:
             return

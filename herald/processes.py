@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from channels.base import Provider
 from channels.webhook import WebhookProvider
@@ -193,3 +195,89 @@ def run_api(settings: Settings) -> None:
         # a no-op one here, so a clean stop exits 0 like every other herald process.
         signal.signal(signal.SIGTERM, lambda *_: None)
         server(app, log_level=settings.log_level).run(sockets=[sock])
+
+
+class ReceiverRun:
+    """``herald receiver`` as a context manager: ``serve()`` blocks until SIGTERM/SIGINT (or
+    ``stop()`` from another thread). Start-up, in order, so each failure is one line:
+
+    1. bind the receiver's port, then the metrics port (a busy port names its setting);
+    2. create the events topic if missing (an unreachable broker fails here);
+    3. the shared producer and its poll thread; the ASGI app.
+
+    Shutdown: uvicorn stops accepting and lets requests in flight finish (each waits for
+    its ack at most ``ack_timeout_s``); the app's lifespan flushes the producer; then the
+    producer is closed and the ports released.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = ExitStack()
+        self._server: Any = None
+        self._sock: socket.socket | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    def __enter__(self) -> ReceiverRun:
+        from core.web import bind, bound_port, server
+        from producers.acks import AckingProducer, BrokerHealth
+        from producers.receiver import Receiver
+
+        cfg = self.settings.receiver
+        try:
+            self._sock = bind(cfg.host, cfg.port, "HERALD_RECEIVER__PORT")
+            self._stack.callback(self._sock.close)
+            self.port = bound_port(self._sock)
+            topics = Topics(self.settings.topic_prefix)
+            probe_timeout = min(cfg.ack_timeout_s, 5.0)
+            health = BrokerHealth(stale_after=probe_timeout + 2.0)
+            if self.settings.metrics_port >= 0:
+                metrics_server = serve(self.settings.metrics_host, self.settings.metrics_port, health)
+                self.metrics_port = int(metrics_server.server_port)
+                self._stack.callback(metrics_server.server_close)
+                self._stack.callback(metrics_server.shutdown)
+            # Before the producer: its health probe asks for the topic's metadata, and a broker
+            # that creates topics on demand would otherwise create it with its own defaults.
+            ensure_topics(self.settings, [topics.events], timeout=max(5.0, 3 * cfg.ack_timeout_s))
+            producer = AckingProducer(
+                self.settings,
+                probe_topic=topics.events,
+                probe_timeout_s=probe_timeout,
+                health=health,
+                **{"linger.ms": cfg.linger_ms},
+            )
+            self._stack.callback(producer.close, cfg.shutdown_timeout_s)
+            receiver = Receiver(cfg, producer, topics.events)
+            self._server = server(
+                receiver.app, log_level=self.settings.log_level, graceful_s=cfg.shutdown_timeout_s
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+        if not cfg.sources:
+            log.warning("receiver: no sources configured (HERALD_RECEIVER__SOURCES): every request gets 404")
+        log.info("receiver listening on %s (sources: %s)", self.url, ", ".join(sorted(cfg.sources)) or "none")
+        return self
+
+    @property
+    def url(self) -> str:
+        host = self.settings.receiver.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def serve(self) -> None:
+        assert self._server is not None and self._sock is not None
+        self._server.run(sockets=[self._sock])
+
+    def stop(self) -> None:
+        """Like SIGTERM, from another thread."""
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def run_receiver(settings: Settings) -> None:
+    """Build and serve the webhook receiver until SIGTERM or SIGINT."""
+    with ReceiverRun(settings) as run:
+        run.serve()

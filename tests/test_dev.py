@@ -88,7 +88,7 @@ def test_dev_env_reaches_the_stack_and_goes_away(
     wait_env(proc, env_file, log)
     assert "herald dev is ready" in log.read_text()  # written only after everything was ready
     dev = read_env(env_file)
-    assert set(dev) >= {"HERALD_KAFKA_BOOTSTRAP", "HERALD_DATABASE_URL"}
+    assert set(dev) >= {"HERALD_KAFKA_BOOTSTRAP", "HERALD_DATABASE_URL", "HERALD_RECEIVER_URL"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}, **dev}
 
     # herald: produce an event and set a preference through the env file alone.
@@ -101,6 +101,27 @@ def test_dev_env_reaches_the_stack_and_goes_away(
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
+    # ... and one through the receiver, signed with the dev source's generated secret.
+    event = {"id": "dev-2", "type": "comment.added", "title": "Hello via the receiver", "user_id": "dev-user"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "herald.cli",
+            "produce",
+            "--to-receiver",
+            dev["HERALD_RECEIVER_URL"],
+            "--source",
+            "dev",
+            json.dumps(event),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "1 accepted" in run.stdout
     run = subprocess.run(
         [sys.executable, "-m", "herald.cli", "prefs", "set", "dev-user", "--email", "on"],
         env=env,
@@ -115,7 +136,7 @@ def test_dev_env_reaches_the_stack_and_goes_away(
     psql = str(PSQL) if PSQL.exists() else "psql"
     count = ""
     deadline = time.monotonic() + 60
-    while count != "1" and time.monotonic() < deadline:
+    while count != "2" and time.monotonic() < deadline:
         q = subprocess.run(
             [
                 psql,
@@ -130,7 +151,7 @@ def test_dev_env_reaches_the_stack_and_goes_away(
         assert q.returncode == 0, q.stderr
         count = q.stdout.strip()
         time.sleep(0.3)
-    assert count == "1", log.read_text()[-3000:]
+    assert count == "2", log.read_text()[-3000:]
 
     # The webhook deliverer runs, and may reach loopback (dev sets ALLOW_PRIVATE_TARGETS).
     assert "deliver-webhook" in log.read_text()
