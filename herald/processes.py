@@ -51,6 +51,20 @@ def herald_command(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "herald", *args]
 
 
+def serve_metrics(stack: ExitStack, settings: Settings, health: Health) -> int | None:
+    """/metrics and /healthz for the process, closed with ``stack``; returns the port (None
+    when ``HERALD_METRICS_PORT`` is -1).
+
+    Called before any connection: a busy port fails at once, not after the broker answers.
+    """
+    if settings.metrics_port < 0:
+        return None
+    server = serve(settings.metrics_host, settings.metrics_port, health)
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+    return int(server.server_port)
+
+
 def build_decoder(settings: Settings) -> Decoder:
     """Native, CloudEvents, and the rules file's rules when one is set (validated now)."""
     rules = RuleSet.load(settings.rules_file) if settings.rules_file is not None else None
@@ -79,11 +93,7 @@ def run_ingest(
     topics = Topics(settings.topic_prefix)
     health = Health()
     with ExitStack() as stack:
-        if settings.metrics_port >= 0:
-            # Before any connection: a busy port fails at once, not after the broker answers.
-            server = serve(settings.metrics_host, settings.metrics_port, health)
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
+        serve_metrics(stack, settings, health)
         ensure_topics(settings, topics.ingest_topics())
         db = Database.from_settings(settings)
         stack.callback(db.close)
@@ -141,10 +151,7 @@ def run_deliver(
     tiers = settings.delivery.retry_tiers
     health = Health()
     with ExitStack() as stack:
-        if settings.metrics_port >= 0:
-            server = serve(settings.metrics_host, settings.metrics_port, health)
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
+        serve_metrics(stack, settings, health)
         reads = topics.channel_topics(channel, tiers)
         ensure_topics(settings, [*reads, topics.deliveries_dlq(channel)])
         db = Database.from_settings(settings)
@@ -184,11 +191,8 @@ def run_api(settings: Settings) -> None:
     sock = bind(settings.api.host, settings.api.port, "HERALD_API__PORT")
     with ExitStack() as stack:
         stack.callback(sock.close)
-        if settings.metrics_port >= 0:
-            health = Health(stale_after=float("inf"))  # the API has no loop to beat; uvicorn answers
-            metrics_server = serve(settings.metrics_host, settings.metrics_port, health)
-            stack.callback(metrics_server.server_close)
-            stack.callback(metrics_server.shutdown)
+        # The API has no loop to beat; uvicorn answers.
+        serve_metrics(stack, settings, Health(stale_after=float("inf")))
         connect(settings.database_url.get_secret_value()).close()
         log.info("herald api listening on http://%s:%d", settings.api.host, bound_port(sock))
         # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found:
@@ -231,11 +235,7 @@ class ReceiverRun:
             topics = Topics(self.settings.topic_prefix)
             probe_timeout = min(cfg.ack_timeout_s, 5.0)
             health = BrokerHealth(stale_after=probe_timeout + 2.0)
-            if self.settings.metrics_port >= 0:
-                metrics_server = serve(self.settings.metrics_host, self.settings.metrics_port, health)
-                self.metrics_port = int(metrics_server.server_port)
-                self._stack.callback(metrics_server.server_close)
-                self._stack.callback(metrics_server.shutdown)
+            self.metrics_port = serve_metrics(self._stack, self.settings, health)
             # Before the producer: its health probe asks for the topic's metadata, and a broker
             # that creates topics on demand would otherwise create it with its own defaults.
             ensure_topics(self.settings, [topics.events], timeout=max(5.0, 3 * cfg.ack_timeout_s))
