@@ -184,7 +184,7 @@ def test_dev_env_reaches_the_stack_and_goes_away(
         headers={"Authorization": f"Bearer {minted.stdout.strip()}"},
     )
     with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (loopback)
-        assert json.loads(resp.read()) == {"count": 1}
+        assert json.loads(resp.read()) == {"count": 2}, "both events (direct and via the receiver)"
 
     # kcat: an independent Kafka client sees the stack. Debian's kcat 1.7.1 (librdkafka 2.0.2)
     # cannot parse Tansu 0.6's ApiVersions reply ("Read underflow"), so it skips that
