@@ -10,32 +10,25 @@ must name its real URL), and every connection goes through the SSRF guard.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import secrets
 import time
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
-from standardwebhooks.webhooks import Webhook
 
 from channels.base import Endpoint, SendResult
 from channels.net import TargetRefused, guarded_transport
 from config.settings import Settings
 from core import __version__
+from core.webhooks import signed_headers
 
 log = logging.getLogger(__name__)
 
 # A Retry-After longer than this is read as this: a tier still has to pick it.
 MAX_RETRY_AFTER_S = 24 * 3600.0
-
-
-def new_secret() -> str:
-    """A fresh signing secret in the ``whsec_`` format (24 random bytes, base64)."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def absolute_url(target_url: str | None, app_url: str | None) -> str | None:
@@ -59,11 +52,6 @@ def notification_body(delivery: dict[str, Any], app_url: str | None) -> dict[str
         "url": absolute_url(delivery.get("target_url"), app_url),
         "occurred_at": delivery["occurred_at"],
     }
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value (Standard Webhooks v1)."""
-    return Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -124,13 +112,7 @@ class WebhookProvider:
             return SendResult("permanent", error="the endpoint has no signing secret: add it again")
         body = json.dumps(notification_body(delivery, self._app_url), separators=(",", ":")).encode()
         msg_id = str(delivery["delivery_id"])
-        ts = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(ts),
-            "webhook-signature": sign(endpoint.secret, msg_id, ts, body),
-        }
+        headers = {"content-type": "application/json", **signed_headers(endpoint.secret, msg_id, body)}
         try:
             response = await self._http().post(endpoint.address, content=body, headers=headers)
         except TargetRefused as exc:

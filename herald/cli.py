@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import sys
@@ -163,13 +162,14 @@ def cmd_endpoints(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _webhook_secret(args: argparse.Namespace) -> str:
-    from channels.webhook import new_secret
+    from config.settings import standard_webhooks_key
+    from core.webhooks import new_secret
 
     if args.secret is None:
         return new_secret()
     secret = str(args.secret)
     try:
-        ok = secret.startswith("whsec_") and len(base64.b64decode(secret[6:], validate=True)) >= 16
+        ok = secret.startswith("whsec_") and len(standard_webhooks_key(secret)) >= 16
     except ValueError:
         ok = False
     if not ok:

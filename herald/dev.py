@@ -13,7 +13,6 @@ and commits), then the broker and PostgreSQL, then dev.env is removed.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import secrets
@@ -28,6 +27,7 @@ from pydantic import SecretStr
 
 from config.settings import Settings, SourceSettings
 from consumers.loop import Stopper
+from core.webhooks import new_secret
 from herald.embedded import EmbeddedStack, free_port
 from herald.inspect import wait_group_stable
 from herald.processes import INGEST_GROUP, PROVIDERS, deliver_group, herald_command
@@ -123,7 +123,7 @@ def dev_source(settings: Settings) -> tuple[Settings, dict[str, str]]:
     that ``. dev.env`` strips. A source the operator configured is never written out."""
     if settings.receiver.sources:
         return settings, {}
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    secret = new_secret()
     source = SourceSettings(scheme="standard-webhooks", secrets=(SecretStr(secret),))
     receiver = settings.receiver.model_copy(update={"sources": {DEV_SOURCE: source}})
     prefix = f"HERALD_RECEIVER__SOURCES__{DEV_SOURCE.upper()}"

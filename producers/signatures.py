@@ -19,13 +19,13 @@ import hmac
 import json
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Protocol
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from config.settings import SourceSettings, standard_webhooks_key
 from core.errors import PermanentError
+from core.webhooks import signed_headers
 
 NO_MATCH = "no matching signature"
 
@@ -72,6 +72,7 @@ class StandardWebhooks:
     def __init__(self, secrets: Sequence[str]) -> None:
         for secret in secrets:
             standard_webhooks_key(secret)  # base64 or whsec_…, as the settings checked
+        self._secrets = list(secrets)
         self._hooks = [Webhook(secret) for secret in secrets]
 
     def verify(self, body: bytes, headers: Mapping[str, str], now: float | None = None) -> None:
@@ -108,12 +109,7 @@ class StandardWebhooks:
         return headers.get("webhook-id") or None
 
     def sign(self, body: bytes, *, event_id: str, now: float | None = None) -> dict[str, str]:
-        at = datetime.fromtimestamp(int(_now(now)), UTC)
-        return {
-            "webhook-id": event_id,
-            "webhook-timestamp": str(int(at.timestamp())),
-            "webhook-signature": self._hooks[0].sign(event_id, at, body.decode("utf-8")),
-        }
+        return signed_headers(self._secrets[0], event_id, body, now)
 
 
 class Stripe:

@@ -20,12 +20,12 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from channels.webhook import new_secret
 from config.settings import Settings
 from consumers.deliver import H_ATTEMPTS, H_DUE
 from consumers.dlq import decode_headers
 from consumers.loop import Stopper
 from consumers.outbox import OutboxRelay
+from core.webhooks import new_secret
 from herald.inspect import Record, read_topic
 from herald.processes import DeliverRun, run_deliver
 from producers.publisher import KafkaPublisher

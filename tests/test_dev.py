@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from channels.webhook import new_secret
+from core.webhooks import new_secret
 from tests.webhook_peer import start_peer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from channels.base import Endpoint, SendResult
-from channels.webhook import WebhookProvider, new_secret
+from channels.webhook import WebhookProvider
 from config.settings import Settings
+from core.webhooks import new_secret
 from tests.webhook_peer import WebhookPeer, start_peer
 
 SECRET = new_secret()

@@ -23,10 +23,8 @@ Every request is a 2xx or counts as an error, whatever the status.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -41,6 +39,7 @@ from typing import Any
 
 from config.settings import Settings
 from core.errors import ConfigError
+from core.webhooks import new_secret
 from herald.bench import common
 from herald.bench.common import BenchError, backends, emit_json, progress, say
 from herald.embedded import free_port
@@ -89,7 +88,7 @@ def _run(settings: Settings, *, requests: int, duration: float, concurrency: int
     say(f"machine: {machine['cores']} cores, {machine['platform']}, Python {machine['python']}")
     topic = Topics(settings.topic_prefix).events
     ensure_topics(settings, [topic])
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    secret = new_secret()
     port = free_port()
     with Receiver(settings, port, secret) as receiver:
         scheme = StandardWebhooks([secret])
