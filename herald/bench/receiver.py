@@ -130,7 +130,8 @@ def _run(settings: Settings, *, requests: int, duration: float, concurrency: int
             "verified": verified,
             "loadgen": result.loadgen,
             "concurrency": concurrency,
-            "seconds": round(result.seconds, 2),
+            # Enough digits that requests / seconds gives requests_per_s back, even for a short run.
+            "seconds": round(result.seconds, 4),
             "machine": machine,
         }
     )
