@@ -20,7 +20,7 @@ from producers.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
-HOLD_S = 2.0
+HOLD_S = 3.0
 
 
 class HoldPartitionZero:
