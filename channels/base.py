@@ -43,6 +43,10 @@ class Provider(Protocol):
 
     channel: str
 
+    def target(self, endpoint: Endpoint) -> str:
+        """The host a send to ``endpoint`` goes to: the circuit breaker's key (a URL's
+        host and port; an SMTP relay's name for every address)."""
+
     async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
         """Send ``delivery`` (the delivery record: only what may leave the system) to ``endpoint``."""
 

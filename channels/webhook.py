@@ -16,6 +16,7 @@ import time
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -93,6 +94,11 @@ class WebhookProvider:
         self._app_url = settings.app_url
         self._timeout = settings.webhook.timeout_s
         self._allow_private = settings.webhook.allow_private_targets
+        # One connection per send in flight, kept alive: no handshake per delivery.
+        self._limits = httpx.Limits(
+            max_connections=settings.delivery.concurrency,
+            max_keepalive_connections=settings.delivery.concurrency,
+        )
         self._client: httpx.AsyncClient | None = None
 
     def _http(self) -> httpx.AsyncClient:
@@ -101,11 +107,19 @@ class WebhookProvider:
             self._client = httpx.AsyncClient(
                 transport=guarded_transport(self._allow_private),
                 timeout=httpx.Timeout(self._timeout),
+                limits=self._limits,
                 follow_redirects=False,
                 trust_env=False,  # no proxy from the environment: the guard must see the target
                 headers={"user-agent": f"herald/{__version__}"},
             )
         return self._client
+
+    def target(self, endpoint: Endpoint) -> str:
+        try:
+            parts = urlsplit(endpoint.address)
+            return f"{parts.hostname or ''}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        except ValueError:
+            return endpoint.address[:100]
 
     async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
         if not endpoint.secret:

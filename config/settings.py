@@ -131,6 +131,12 @@ class DeliverySettings(BaseModel):
     max_attempts: int = Field(default=8, ge=1)
     # How long a claimed ('sending') row is ours; a consumer that dies mid-send loses it after this.
     lease_s: float = Field(default=120.0, gt=0)
+    # Sends in flight per process (all partitions together). Offsets are committed per
+    # partition only up to the lowest delivery not yet recorded.
+    concurrency: int = Field(default=200, ge=1, le=10_000)
+    # A rebalance or a shutdown lets the sends in flight finish for this long, then gives
+    # the rest up uncommitted (their claims go back): never a provider's whole timeout chain.
+    rebalance_grace_s: float = Field(default=5.0, ge=0)
 
     @field_validator("retry_tiers")
     @classmethod
@@ -144,6 +150,19 @@ class DeliverySettings(BaseModel):
 
     def tier_seconds(self) -> list[float]:
         return [duration_seconds(t) for t in self.retry_tiers]
+
+
+class BreakerSettings(BaseModel):
+    """The circuit breaker per target host (channels/breaker.py)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Open when at least min_attempts sends over window_s failed in failure_ratio of cases.
+    failure_ratio: float = Field(default=0.7, gt=0, le=1)
+    min_attempts: int = Field(default=10, ge=1)
+    window_s: float = Field(default=300.0, gt=0)
+    # How long an open circuit waits before one probe send.
+    cooldown_s: float = Field(default=30.0, gt=0)
 
 
 class WebhookSettings(BaseModel):
@@ -398,6 +417,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     # The product's web app: the base of relative target_urls in external messages.
     app_url: str | None = None

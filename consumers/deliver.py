@@ -1,7 +1,9 @@
 """The channel consumer: delivery records in, sends out, every outcome recorded.
 
 One consumer group per channel (``herald-deliver-<channel>``) reads the channel's main
-topic and its retry topics on the shared batch loop. Per batch, in this order:
+topic and its retry topics on the shared batch loop. Sends run on an event loop of their
+own, up to ``delivery.concurrency`` in flight per process; the batch loop keeps polling
+and claiming while they run. For each batch, in this order:
 
 1. **Hold back** records not yet due (retry records carry their due time): the loop
    pauses only that partition until then.
@@ -10,21 +12,33 @@ topic and its retry topics on the shared batch loop. Per batch, in this order:
    and counted; a row another consumer still holds (its lease is live) holds its
    partition back until the lease ends; the rest are claimed (``sending``, leased).
 3. **Send**: each claimed delivery to each of its user's enabled endpoints that has not
-   already taken it (or refused it for good). One delivery at a time per partition;
-   partitions in parallel. A rebalance cancels sends in hand and gives their claims back.
-4. **Route** what did not go through: transient failures to the next retry tier,
-   permanent ones and exhausted retries to the channel's dead-letter topic; wait for the
-   broker's acknowledgement.
+   already taken it (or refused it for good), as soon as a send slot is free. A host whose
+   circuit is open (``channels/breaker.py``) gets nothing: the delivery is **held**, its
+   claim given back and its record parked on a retry topic until the host may be tried
+   again, with no attempt spent.
+4. **Route** what finished and did not go through (transient failures to the next retry
+   tier, permanent ones and exhausted retries to the channel's dead-letter topic, held
+   ones to their parking tier); wait for the broker's acknowledgement.
 5. **Record** attempts (one row per try and endpoint) and outcomes in one transaction,
-   and disable endpoints that answered 410. Then the loop commits the offsets.
+   and disable endpoints that answered 410.
+
+Steps 4 and 5 run for whatever has finished, whichever batch it came from, many
+deliveries per transaction. The loop commits each partition's offset only up to its
+lowest delivery not yet recorded (``holds``), so a slow send early in a partition keeps
+the offsets behind it; a crash redoes it, and never skips it. Per-user ordering is not
+promised.
 
 Step 4 comes before step 5: a crash between them leaves the row ``sending``; its record
 comes again, waits for the lease, and is sent once more (the send-once window of
 DESIGN.md's invariant 2, recognisable by the same ``webhook-id``). The other order
 would leave a ``retrying`` row with no retry record: a lost delivery.
 
-A retryable error (PostgreSQL or the broker away) retries the batch in hand from the step
-that failed: what was sent is not sent again.
+A rebalance or a shutdown lets the sends in flight finish for ``rebalance_grace_s``, then
+cancels the rest: their claims go back and their offsets stay uncommitted, so the next
+owner sends them (once more, if the cancelled request had reached the provider).
+
+A retryable error (PostgreSQL or the broker away) retries the step that failed: what was
+sent is not sent again.
 """
 
 from __future__ import annotations
@@ -32,18 +46,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import Message, TopicPartition
 
 from channels.base import Endpoint, Provider, SendResult
+from channels.breaker import CircuitBreaker
 from config.settings import Settings
 from consumers.dlq import dead_letter
 from consumers.loop import Deferral
@@ -60,10 +76,14 @@ log = logging.getLogger(__name__)
 H_ATTEMPTS = "retry_topic-attempts"
 H_DUE = "retry_topic-backoff-timestamp"
 H_DELIVERY_ID = "herald-delivery-id"
-RETRY_HEADERS = frozenset({H_ATTEMPTS, H_DUE})
+# Set on a record parked while its host's circuit was open (no attempt was spent on it).
+H_HELD = "herald-held"
+RETRY_HEADERS = frozenset({H_ATTEMPTS, H_DUE, H_HELD})
 
 # A lost claim race (another consumer claimed between our look-up and our claim): look again soon.
 RACE_RETRY_S = 1.0
+# How long a wait for a finished send blocks before it looks at the clock again.
+COLLECT_WAIT_S = 0.2
 
 
 class DeliveryFailed(HeraldError):
@@ -97,23 +117,35 @@ class Work:
     settled: dict[int, str]  # endpoint id -> outcome, from earlier tries
     results: dict[int, SendResult] = field(default_factory=dict)
     attempts: list[store.Attempt] = field(default_factory=list)
+    # Endpoints not tried because their host's circuit is open -> seconds until it may be.
+    held: dict[int, float] = field(default_factory=dict)
     cancelled: bool = False
 
 
 @dataclass
 class Batch:
-    """The prepared batch; ``apply`` fills it stage by stage and resumes where it failed."""
+    """The prepared batch; ``apply`` works through it stage by stage and resumes where it failed."""
 
     items: list[Item]
     deferrals: dict[tuple[str, int], Deferral] = field(default_factory=dict)
     work: list[Work] | None = None
     skipped: list[tuple[Item, str]] = field(default_factory=list)
     unreadable: list[Item] = field(default_factory=list)
-    sent: bool = False
+    handed_over: bool = False  # skipped and unreadable passed to the next unit
+    launched: int = 0  # how many of ``work`` have a send slot (or were given back)
+
+
+@dataclass
+class Unit:
+    """Outcomes made durable together: one publish, one transaction."""
+
+    works: list[Work] = field(default_factory=list)
+    unreadable: list[Item] = field(default_factory=list)
+    skipped: list[tuple[Item, str]] = field(default_factory=list)
+    taken: bool = False  # no more finished sends join it
     finishes: list[store.Finish] = field(default_factory=list)
     released: list[tuple[uuid.UUID, int]] = field(default_factory=list)
     published: bool = False
-    recorded: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,7 +232,12 @@ def parse(msg: Message) -> Item:
 
 
 class DeliverHandler:
-    """The batch handler of ``herald deliver`` (see the module docstring for the steps)."""
+    """The batch handler of ``herald deliver`` (see the module docstring for the steps).
+
+    Threads: ``apply`` runs on the batch loop's worker (or, at a rebalance, in the loop's
+    callback; never both at once) and owns every field but the event loop's; sends run on
+    the event loop's own thread and hand finished work back through a queue.
+    """
 
     def __init__(
         self,
@@ -218,10 +255,27 @@ class DeliverHandler:
         self.channel = provider.channel
         self._topics = topics or Topics(settings.topic_prefix)
         self._tiers = settings.delivery.tier_seconds()
+        self._concurrency = settings.delivery.concurrency
+        self._grace_s = settings.delivery.rebalance_grace_s
+        b = settings.breaker
+        self._breaker = CircuitBreaker(
+            channel=self.channel,
+            failure_ratio=b.failure_ratio,
+            min_attempts=b.min_attempts,
+            window_s=b.window_s,
+            cooldown_s=b.cooldown_s,
+        )
         self._metrics = metrics.deliver()
         self._aio: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Future[Any] | None = None
+        self._aio_thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # the event loop's own
+        self._finished: queue.SimpleQueue[Work] = queue.SimpleQueue()
+        self._in_hand: dict[uuid.UUID, Work] = {}  # claimed, not yet recorded
+        self._sending = 0  # launched and not yet collected
+        self._holds: dict[tuple[str, int], set[int]] = {}  # offsets not yet recorded
+        self._unit = Unit()
         self._interrupted = threading.Event()
+        self._abandon_at: float | None = None
 
     # -- the batch loop's interface ------------------------------------------------------
 
@@ -230,28 +284,65 @@ class DeliverHandler:
 
     def apply(self, batch: Batch) -> list[Deferral]:
         if batch.work is None:
-            self._interrupted.clear()
+            if batch.items:
+                self._interrupted.clear()
+                self._abandon_at = None
             self._plan(batch)
-        if not batch.sent:
-            self._send(batch)
-        if not batch.published:
-            self._route(batch)
-        if not batch.recorded:
-            self._record(batch)
+        if not batch.handed_over:
+            self._unit.unreadable += batch.unreadable
+            self._unit.skipped += batch.skipped
+            batch.handed_over = True
+        work = batch.work or []
+        while batch.launched < len(work):
+            while self._sending >= self._concurrency and not self._interrupted.is_set():
+                self._settle(wait=True)
+            self._launch(work[batch.launched])
+            batch.launched += 1
+        if self._interrupted.is_set():
+            # A rebalance or a shutdown: wait for what is in flight (or give it up), record it.
+            while self._sending:
+                self._settle(wait=True)
+        self._settle(wait=False)
+        self._metrics.in_flight.labels(self.channel).set(len(self._in_hand))
         return list(batch.deferrals.values())
 
+    def holds(self) -> Mapping[tuple[str, int], int]:
+        """Per partition, the lowest offset whose delivery is not recorded yet."""
+        return {tp: min(offsets) for tp, offsets in self._holds.items() if offsets}
+
+    def pending(self) -> bool:
+        """Sends in flight, or finished ones not yet recorded."""
+        return bool(self._in_hand) or self._sending > 0
+
     def interrupt(self) -> None:
-        """A rebalance: cancel the sends in hand (their claims are given back)."""
-        self._interrupted.set()
-        aio, task = self._aio, self._task
-        if aio is not None and task is not None:
-            aio.call_soon_threadsafe(task.cancel)
+        """A rebalance or a shutdown: let the sends in flight finish within the grace."""
+        if not self._interrupted.is_set():
+            self._abandon_at = time.monotonic() + self._grace_s
+            self._interrupted.set()
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)
 
     def close(self) -> None:
-        if self._aio is not None:
-            self._aio.run_until_complete(self._provider.aclose())
-            self._aio.close()
-            self._aio = None
+        aio, thread = self._aio, self._aio_thread
+        if aio is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._provider.aclose(), aio).result(timeout=10)
+        except Exception as exc:  # noqa: BLE001 (closing: say it, and go on)
+            log.warning("deliver-%s: closing the provider: %s", self.channel, exc)
+        aio.call_soon_threadsafe(aio.stop)
+        thread.join(timeout=10)
+        aio.close()
+        self._aio = self._aio_thread = None
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        """Partitions change hands: their next owner starts from the committed offsets."""
+        for tp in partitions:
+            self._holds.pop((tp.topic, tp.partition), None)
 
     # -- 1 and 2: hold back, look up, claim ---------------------------------------------
 
@@ -274,7 +365,8 @@ class DeliverHandler:
                 self._defer(batch, item, item.due_s, "due")
             elif item.problem is not None or item.delivery_id is None:
                 batch.unreadable.append(item)
-            elif (item.delivery_id, item.attempts_before) in seen:
+            elif (item.delivery_id, item.attempts_before) in seen or item.delivery_id in self._in_hand:
+                # A copy of a delivery this process is sending: its outcome speaks for both.
                 batch.skipped.append((item, "duplicate"))
             else:
                 seen.add((item.delivery_id, item.attempts_before))
@@ -329,52 +421,56 @@ class DeliverHandler:
                 for e in found.get(str(item.payload["user_id"]), [])
                 if e.id not in settled
             ]
-            batch.work.append(Work(item, item.attempts_before + 1, targets, settled))
+            w = Work(item, item.attempts_before + 1, targets, settled)
+            batch.work.append(w)
+            self._in_hand[item.delivery_id] = w
+            self._holds.setdefault(item.tp, set()).add(item.offset)
 
     # -- 3: send -------------------------------------------------------------------------
 
-    def _send(self, batch: Batch) -> None:
-        work = [w for w in batch.work or [] if w.targets]
-        if work:
-            if self._aio is None:
-                self._aio = asyncio.new_event_loop()
-            self._aio.run_until_complete(self._send_all(work))
-        cancelled = [w for w in work if w.cancelled]
-        for w in cancelled:
-            self._defer(batch, w.item, time.time(), "rebalance")
-        batch.released = [
-            (w.item.delivery_id, w.item.attempts_before) for w in cancelled if w.item.delivery_id
-        ]
-        batch.sent = True
+    def _launch(self, w: Work) -> None:
+        """Give ``w`` a send slot on the event loop (or straight back, if there is nothing to send)."""
+        if not w.targets or self._interrupted.is_set():
+            w.cancelled = bool(w.targets)  # a rebalance came first: give the claim back
+            self._finished.put(w)
+        else:
+            asyncio.run_coroutine_threadsafe(self._run(w), self._event_loop())
+        self._sending += 1
 
-    async def _send_all(self, work: list[Work]) -> None:
-        lanes: dict[tuple[str, int], list[Work]] = {}
-        for w in work:
-            lanes.setdefault(w.item.tp, []).append(w)
-        self._task = asyncio.ensure_future(asyncio.gather(*(self._lane(ws) for ws in lanes.values())))
-        if self._interrupted.is_set():
-            self._task.cancel()
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._aio is None:
+            aio = asyncio.new_event_loop()
+            self._aio_thread = threading.Thread(
+                target=aio.run_forever, name=f"deliver-{self.channel}-send", daemon=True
+            )
+            self._aio = aio
+            self._aio_thread.start()
+        return self._aio
+
+    async def _run(self, w: Work) -> None:
+        """One delivery to its endpoints, one after another; always handed back."""
+        task = asyncio.current_task()
+        assert task is not None and w.item.delivery_id is not None
+        self._tasks.add(task)
+        breaker = self._breaker
         try:
-            await self._task
-        except asyncio.CancelledError:
-            log.info("deliver-%s: a rebalance cancelled the sends in hand", self.channel)
-        finally:
-            self._task = None
-        for w in work:
-            if len(w.results) < len(w.targets):
-                w.cancelled = True
-
-    async def _lane(self, work: list[Work]) -> None:
-        """One partition's deliveries, one at a time, in offset order."""
-        for w in work:
             for endpoint in w.targets:
+                host = self._provider.target(endpoint)
+                gate = breaker.admit(host)
+                if gate == "hold":
+                    w.held[endpoint.id] = breaker.reopens_in(host)
+                    continue
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
-                result = await self._provider.send(endpoint, w.item.payload or {})
+                try:
+                    result = await self._provider.send(endpoint, w.item.payload or {})
+                except asyncio.CancelledError:
+                    breaker.cancelled(host, probe=gate == "probe")
+                    raise
+                breaker.record(host, result.outcome == "transient", probe=gate == "probe")
                 self._metrics.send_seconds.labels(self.channel).observe(time.perf_counter() - t0)
                 self._metrics.sends.labels(self.channel, result.outcome).inc()
                 w.results[endpoint.id] = result
-                assert w.item.delivery_id is not None
                 w.attempts.append(
                     store.Attempt(
                         w.item.delivery_id,
@@ -388,17 +484,75 @@ class DeliverHandler:
                         datetime.now(UTC),
                     )
                 )
+        except asyncio.CancelledError:
+            w.cancelled = True
+        finally:
+            self._tasks.discard(task)
+            self._finished.put(w)
 
-    # -- 4: route ------------------------------------------------------------------------
+    def _cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
-    def _route(self, batch: Batch) -> None:
+    # -- 4 and 5: collect, route, record -------------------------------------------------
+
+    def _collect(self, unit: Unit, wait: bool) -> None:
+        """Move finished sends into ``unit``; with ``wait``, block until at least one."""
+        got = 0
+        while True:
+            try:
+                if wait and not got:
+                    w = self._finished.get(timeout=COLLECT_WAIT_S)
+                else:
+                    w = self._finished.get_nowait()
+            except queue.Empty:
+                if not wait or got:
+                    return
+                if self._abandon_at is not None and time.monotonic() >= self._abandon_at and self._aio:
+                    # Past the grace: give up what is still in flight (claims go back).
+                    self._aio.call_soon_threadsafe(self._cancel_all)
+                continue
+            got += 1
+            self._sending -= 1
+            unit.works.append(w)
+
+    def _settle(self, wait: bool) -> None:
+        """Make what finished durable: route it (step 4), then record it (step 5)."""
+        unit = self._unit
+        if not unit.taken:
+            self._collect(unit, wait)
+            unit.taken = True
+        if not unit.published:
+            self._route(unit)
+        self._record(unit)
+        for w in unit.works:
+            assert w.item.delivery_id is not None
+            self._in_hand.pop(w.item.delivery_id, None)
+            if not w.cancelled:  # a cancelled one keeps its offset uncommitted
+                self._holds.get(w.item.tp, set()).discard(w.item.offset)
+        self._unit = Unit()
+
+    def _route(self, unit: Unit) -> None:
         records: list[OutRecord] = []
         finishes: list[store.Finish] = []
+        released: list[tuple[uuid.UUID, int]] = []
         channel = self.channel
         max_attempts = self._settings.delivery.max_attempts
-        for w in batch.work or []:
+        held = 0
+        for w in unit.works:
+            assert w.item.delivery_id is not None
             if w.cancelled:
+                self._metrics.abandoned.labels(channel).inc()
+                released.append((w.item.delivery_id, w.item.attempts_before))
                 continue
+            if w.held and not w.results:
+                # Nothing tried: give the claim back and park the record until the host may be.
+                released.append((w.item.delivery_id, w.item.attempts_before))
+                records.append(self._park(w))
+                held += 1
+                continue
+            for eid, wait in w.held.items():  # tried elsewhere: this try counts, as a transient
+                w.results[eid] = SendResult("transient", error="circuit open", retry_after_s=wait)
             v = settle(w, max_attempts)
             delivered = any(r.outcome == "ok" for r in w.results.values()) or "ok" in w.settled.values()
             message_id = next(
@@ -409,7 +563,6 @@ class DeliverHandler:
                 ),
                 None,
             )
-            assert w.item.delivery_id is not None
             finishes.append(
                 store.Finish(
                     w.item.delivery_id, w.attempt, v.status, v.reason, v.error, message_id, delivered
@@ -420,28 +573,43 @@ class DeliverHandler:
             elif v.status == "failed":
                 assert v.reason is not None
                 records.append(self._dead_letter(w.item, v.reason, v.error or v.reason, w.attempt))
-        for item in batch.unreadable:
+        for item in unit.unreadable:
             records.append(
                 self._dead_letter(item, "permanent", item.problem or "unreadable", item.attempts_before)
             )
         if records:
             self._publisher.publish(records)
-        batch.finishes = finishes
-        batch.published = True
+        unit.finishes = finishes
+        unit.released = released
+        unit.published = True
+        if held:
+            self._metrics.held.labels(channel).inc(held)
         for rec in records:
             if rec.reason is not None:
                 self._metrics.dead_letters.labels(channel, rec.reason).inc()
 
+    def _tier_record(self, item: Item, index: int, delay: float, attempts: int, held: bool) -> OutRecord:
+        due_ms = int((time.time() + delay) * 1000)
+        tier = self._settings.delivery.retry_tiers[index]
+        msg = item.msg
+        headers: Headers = [(k, v) for k, v in _pairs(msg) if k not in RETRY_HEADERS]
+        headers += [(H_ATTEMPTS, struct.pack(">i", attempts)), (H_DUE, str(due_ms).encode())]
+        if held:
+            headers.append((H_HELD, b"circuit-open"))
+        return OutRecord(self._topics.retry(self.channel, tier), msg.value(), msg.key(), headers)
+
     def _retry_record(self, w: Work, retry_after_s: float | None) -> OutRecord:
         index = pick_tier(self._tiers, w.attempt, retry_after_s)
         delay = max(self._tiers[index], retry_after_s or 0.0)
-        due_ms = int((time.time() + delay) * 1000)
-        tier = self._settings.delivery.retry_tiers[index]
-        self._metrics.retried.labels(self.channel, tier).inc()
-        msg = w.item.msg
-        headers: Headers = [(k, v) for k, v in _pairs(msg) if k not in RETRY_HEADERS]
-        headers += [(H_ATTEMPTS, struct.pack(">i", w.attempt)), (H_DUE, str(due_ms).encode())]
-        return OutRecord(self._topics.retry(self.channel, tier), msg.value(), msg.key(), headers)
+        self._metrics.retried.labels(self.channel, self._settings.delivery.retry_tiers[index]).inc()
+        return self._tier_record(w.item, index, delay, w.attempt, held=False)
+
+    def _park(self, w: Work) -> OutRecord:
+        """The record again, on the first tier that waits as long as the circuit stays open;
+        due when it may be tried, with the attempts it had (none was spent)."""
+        wait = max(w.held.values())
+        index = pick_tier(self._tiers, 1, wait)
+        return self._tier_record(w.item, index, wait, w.item.attempts_before, held=True)
 
     def _dead_letter(self, item: Item, reason: str, error: str, attempts: int) -> OutRecord:
         rec = dead_letter(item.msg, self._topics.deliveries_dlq(self.channel), DeliveryFailed(error), reason)
@@ -449,29 +617,29 @@ class DeliverHandler:
         headers.append((H_ATTEMPTS, struct.pack(">i", attempts)))
         return OutRecord(rec.topic, rec.value, rec.key, headers, rec.timestamp_ms, rec.reason)
 
-    # -- 5: record -----------------------------------------------------------------------
-
-    def _record(self, batch: Batch) -> None:
-        work = batch.work or []
-        attempts = [a for w in work for a in w.attempts]
-        gone = [eid for w in work for eid, r in w.results.items() if r.outcome == "gone"]
-        with self._db.transaction() as cur:
-            store.record_attempts(cur, attempts)
-            updated = store.finish(cur, batch.finishes)
-            store.release(cur, batch.released)
-            store.disable_endpoints(cur, gone)
-        batch.recorded = True
+    def _record(self, unit: Unit) -> None:
+        works = [w for w in unit.works if not w.cancelled or w.attempts]
+        attempts = [a for w in works for a in w.attempts]
+        gone = [eid for w in works for eid, r in w.results.items() if r.outcome == "gone"]
+        if attempts or unit.finishes or unit.released or gone:
+            with self._db.transaction() as cur:
+                store.record_attempts(cur, attempts)
+                updated = store.finish(cur, unit.finishes)
+                store.release(cur, unit.released)
+                store.disable_endpoints(cur, gone)
+        else:
+            updated = set()
         m = self._metrics
-        for f in batch.finishes:
+        for f in unit.finishes:
             if f.id in updated and f.status != "retrying":
                 m.deliveries.labels(self.channel, f.status).inc()
-        if len(updated) < len(batch.finishes):
+        if len(updated) < len(unit.finishes):
             log.warning(
                 "deliver-%s: %d outcomes came after another consumer took the delivery over (lease expired)",
                 self.channel,
-                len(batch.finishes) - len(updated),
+                len(unit.finishes) - len(updated),
             )
-        for _, reason in batch.skipped:
+        for _, reason in unit.skipped:
             m.skipped.labels(self.channel, reason).inc()
         if gone:
             m.endpoints_disabled.labels(self.channel).inc(len(set(gone)))

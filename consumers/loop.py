@@ -31,6 +31,13 @@ the loop never sleeps for it. A handler may also have optional hooks: ``interrup
 (a rebalance is revoking partitions: give up slow work in hand, so that the rebalance
 never waits on a provider's timeout), ``on_assign``/``on_revoke`` (partitions gained or
 lost) and ``tick()`` (called once per loop turn, with or without records).
+
+A handler may keep work in hand after ``apply`` returns (the deliverer's sends in flight).
+It then says, through ``holds()``, the lowest offset per partition not yet durable: the
+loop commits each partition only up to it, never past. ``pending()`` says work is in
+hand, and the loop then gives the handler an empty batch each idle turn to make it
+durable. At a rebalance or a stop the loop calls ``interrupt()``, lets the handler finish
+(an empty batch, in hand), and commits what became durable.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
@@ -202,6 +209,10 @@ class BatchLoop:
         # (revoked while the loop waited on the batch in flight).
         self._skip_next: dict[tuple[str, int], bool] = {}
         self._last_drain = True
+        # Per partition: the offset after the last record applied (or the deferred one), and
+        # the offset last committed. The commit is the first, or a handler's hold below it.
+        self._position: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
         self._waiting = False  # in _await, serving rebalance callbacks
         self._in_callback = False
 
@@ -250,7 +261,12 @@ class BatchLoop:
                     last_data = time.monotonic()
                     future = self._worker.submit(self._apply, batch, prepared)
                     self._in_flight = InFlight(batch, future)
+                elif self._pending():
+                    # Work in hand and no new records: let the handler make it durable.
+                    future = self._worker.submit(self._apply, [], self._handler.prepare([]))
+                    self._in_flight = InFlight([], future)
             self._drain()
+            self._wrap_up()
         finally:
             self._close()
         return stats
@@ -287,9 +303,30 @@ class BatchLoop:
             if self._defer(d):
                 self._skip_next[key] = True
         done = [m for m in flight.batch if not _left(m, deferred)]
-        self._stats.batches += 1
-        self._stats.messages += len(done)
+        if flight.batch:
+            self._stats.batches += 1
+            self._stats.messages += len(done)
         return True
+
+    def _pending(self) -> bool:
+        pending = getattr(self._handler, "pending", None)
+        return bool(pending()) if pending is not None else False
+
+    def _wrap_up(self) -> None:
+        """A rebalance or a stop, with no batch in flight: the handler finishes (or gives up)
+        the work still in hand, here and now; what became durable is committed."""
+        if not self._pending():
+            return
+        interrupt = getattr(self._handler, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
+        applied = self._apply([], self._handler.prepare([]))
+        if not applied.done:
+            return
+        try:
+            self._commit_positions()
+        except AssignmentLost as exc:
+            log.warning("%s: %s; the work in hand comes again", self._name, exc)
 
     def _await(self, flight: InFlight) -> None:
         """Wait for ``flight``'s apply while serving the group protocol.
@@ -306,6 +343,7 @@ class BatchLoop:
         # A batch that applies within a second never pauses anything: pausing drops what
         # the client prefetched, which a fast consumer (ingest) would pay for every batch.
         wait = 1.0
+        stop_told = False
         try:
             while True:
                 try:
@@ -313,6 +351,12 @@ class BatchLoop:
                     return
                 except TimeoutError:
                     wait = 0.2
+                if self.stopper.stopping and not stop_told:
+                    # A stop while the batch waits on slow work: let the handler wrap it up.
+                    stop_told = True
+                    interrupt = getattr(self._handler, "interrupt", None)
+                    if interrupt is not None:
+                        interrupt()
                 if not paused:
                     paused = [tp for tp in self._assignment() if (tp.topic, tp.partition) not in self._paused]
                     if paused:
@@ -442,16 +486,34 @@ class BatchLoop:
             m.broker_unavailable.labels(self._name).inc()
 
     def _commit(self, batch: Sequence[Message], deferred: dict[tuple[str, int], Deferral]) -> None:
-        offsets = [
-            TopicPartition(tp.topic, tp.partition, deferred[(tp.topic, tp.partition)].offset)
-            if (tp.topic, tp.partition) in deferred
-            else tp
-            for tp in next_offsets(batch)
-        ]
+        for tp in next_offsets(batch):
+            key = (tp.topic, tp.partition)
+            self._position[key] = deferred[key].offset if key in deferred else tp.offset
+        try:
+            self._commit_positions()
+        except AssignmentLost:
+            for key in {_key(m) for m in batch}:
+                self._position.pop(key, None)
+                self._committed.pop(key, None)
+            raise
+
+    def _commit_positions(self) -> None:
+        """Commit every partition whose offset moved: its position, or a hold below it."""
+        hold = getattr(self._handler, "holds", None)
+        holds: Mapping[tuple[str, int], int] = hold() if hold is not None else {}
+        offsets = []
+        for key, position in self._position.items():
+            target = min(position, holds.get(key, position))
+            if target > self._committed.get(key, -1):
+                offsets.append(TopicPartition(key[0], key[1], target))
+        if not offsets:
+            return
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             raise AssignmentLost(f"offset commit failed: {exc.args[0]}") from exc
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
 
     def _rewind(self, batch: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets, where we still own the partition."""
@@ -499,10 +561,14 @@ class BatchLoop:
         # Finish and commit the batch in flight while the partitions are still ours; a
         # handler with slow work in hand (a provider's timeout) gives it up first.
         interrupt = getattr(self._handler, "interrupt", None)
-        if interrupt is not None and self._in_flight is not None:
+        if interrupt is not None and (self._in_flight is not None or self._pending()):
             interrupt()
         self._drain()
+        self._wrap_up()
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        for key in gone:
+            self._position.pop(key, None)
+            self._committed.pop(key, None)
         if self._waiting:
             # The batch polled before this wait holds records of these partitions: not ours now.
             for key in gone:

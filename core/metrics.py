@@ -123,6 +123,11 @@ class DeliverMetrics:
     dead_letters: Counter
     deferred: Counter
     endpoints_disabled: Counter
+    in_flight: Gauge
+    held: Counter
+    circuits: Gauge
+    circuit_changes: Counter
+    abandoned: Counter
 
 
 @cache
@@ -170,6 +175,33 @@ def deliver() -> DeliverMetrics:
         endpoints_disabled=Counter(
             "herald_deliver_endpoints_disabled",
             "Endpoints disabled because they answered 410 Gone.",
+            ["channel"],
+        ),
+        in_flight=Gauge(
+            "herald_deliver_in_flight",
+            "Deliveries claimed and not yet recorded (sending, or waiting for a send slot).",
+            ["channel"],
+        ),
+        held=Counter(
+            "herald_deliver_held",
+            "Deliveries held back, no attempt spent, because their host's circuit is open "
+            "(they wait on a retry topic until it may be tried again).",
+            ["channel"],
+        ),
+        circuits=Gauge(
+            "herald_deliver_circuits",
+            "Target hosts per circuit-breaker state: closed, open, half_open.",
+            ["channel", "state"],
+        ),
+        circuit_changes=Counter(
+            "herald_deliver_circuit_changes",
+            "Circuit-breaker state changes, by the state entered.",
+            ["channel", "state"],
+        ),
+        abandoned=Counter(
+            "herald_deliver_abandoned",
+            "Sends given up unfinished by a rebalance or a shutdown past its grace "
+            "(the claim is given back; the next owner sends again).",
             ["channel"],
         ),
     )
