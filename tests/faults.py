@@ -351,9 +351,21 @@ def committed_now(settings: Settings, group: str) -> dict[tuple[str, int], int]:
 
 
 class IngestProcess:
-    """``herald ingest`` as an OS process, restartable, each run logging to its own file."""
+    """``herald ingest`` (or ``command``) as an OS process, restartable, each run logging to
+    its own file; ``name`` is the batch loop's name in the log (``<name>: assigned``)."""
 
-    def __init__(self, settings: Settings, group: str, log_dir: Path, **env: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        log_dir: Path,
+        *,
+        command: tuple[str, ...] = ("ingest",),
+        name: str = "ingest",
+        **env: str,
+    ) -> None:
+        self.command = command
+        self.name = name
         self.group = group
         self.log_dir = log_dir
         self.runs = 0
@@ -375,14 +387,14 @@ class IngestProcess:
 
     @property
     def log(self) -> Path:
-        return self.log_dir / f"ingest-{self.runs}.log"
+        return self.log_dir / f"{self.name}-{self.runs}.log"
 
     def start(self) -> None:
         assert not self.alive(), "already running"
         self.runs += 1
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "herald.cli", "ingest", "--group", self.group],
+                [sys.executable, "-m", "herald.cli", *self.command, "--group", self.group],
                 env=self.env,
                 cwd=REPO,
                 stdout=out,
@@ -399,9 +411,9 @@ class IngestProcess:
         deadline = time.monotonic() + timeout
         while needle not in self.log_text():
             if not self.alive():
-                raise AssertionError(f"ingest exited ({self.returncode()}) before logging {needle!r}")
+                raise AssertionError(f"{self.name} exited ({self.returncode()}) before logging {needle!r}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"ingest did not log {needle!r} in {timeout}s")
+                raise AssertionError(f"{self.name} did not log {needle!r} in {timeout}s")
             time.sleep(0.05)
 
     def wait_count(self, needle: str, count: int, timeout: float) -> bool:
@@ -414,7 +426,7 @@ class IngestProcess:
         return True
 
     def wait_assigned(self, timeout: float = 60.0) -> None:
-        self.wait_for_log("ingest: assigned", timeout)
+        self.wait_for_log(f"{self.name}: assigned", timeout)
 
     def kill(self) -> bool:
         """SIGKILL; True when the process was alive at that moment."""
@@ -436,7 +448,7 @@ class IngestProcess:
     def tails(self, lines: int = 30) -> str:
         out = []
         for i in range(1, self.runs + 1):
-            path = self.log_dir / f"ingest-{i}.log"
+            path = self.log_dir / f"{self.name}-{i}.log"
             text = path.read_text(errors="replace").splitlines() if path.exists() else []
             out.append(f"----- {path} (last {lines} of {len(text)} lines)")
             out += text[-lines:]

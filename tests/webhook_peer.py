@@ -9,7 +9,9 @@ five minutes away are refused. A request that fails it is answered 401 and recor
 Each path picks a behaviour, so one server plays every kind of endpoint:
 ``/ok``, ``/status/<code>`` (``?retry_after=<value>``), ``/flaky/<n>`` (503 for the first n
 requests of each webhook-id, then 200), ``/hang`` (answers after the client gave up),
-``/drop`` (closes the connection without an answer).
+``/drop`` (closes the connection without an answer), ``/slow/<ms>`` (200 after that
+long), ``/switch`` (503 while ``down`` is set, else 200: a provider outage), ``/gate`` (a
+notification whose title starts with "slow" waits for ``gate_open`` or ``hang_s``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class WebhookPeer:
     hang_s: float = 3.0
     # Set it to answer every hanging request at once (a test's clean-up).
     hang_release: threading.Event = field(default_factory=threading.Event)
+    down: threading.Event = field(default_factory=threading.Event)
+    gate_open: threading.Event = field(default_factory=threading.Event)
     _tries: Counter[tuple[str, str]] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -101,6 +105,7 @@ class WebhookPeer:
 
     def close(self) -> None:
         self.hang_release.set()
+        self.gate_open.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -139,6 +144,18 @@ def start_peer(secret: str, hang_s: float = 3.0) -> WebhookPeer:
                 extra = {"Retry-After": query["retry_after"][0]} if "retry_after" in query else {}
                 rec.answered = code
                 return self._answer(code, {}, extra)
+            if kind == "slow":
+                time.sleep(int(segments[1]) / 1000)
+                rec.answered = 200
+                return self._answer(200, {})
+            if kind == "switch":
+                rec.answered = 503 if peer.down.is_set() else 200
+                return self._answer(rec.answered, {})
+            if kind == "gate":
+                if str(rec.json.get("title", "")).startswith("slow") and not peer.gate_open.is_set():
+                    peer.gate_open.wait(peer.hang_s)
+                rec.answered = 200
+                return self._answer(200, {})
             if kind == "flaky":
                 with peer._lock:
                     peer._tries[(parts.path, headers["webhook-id"])] += 1
