@@ -3,21 +3,24 @@
 A webhook URL is typed by a user; without a guard, herald would POST to
 ``http://169.254.169.254/`` or to an admin port on its own host. The name alone proves
 nothing (``rebind.example`` can resolve to 127.0.0.1, and to something else a second
-later), so the check runs inside the connection: the host is resolved once, every
-address is checked, and the socket connects to a checked address. httpcore then does
-TLS with the original host name (SNI and certificate checks are unchanged).
+later), so the check sits in the resolver the connection pool connects with: every
+address a name resolves to is checked, and the socket connects only to checked addresses.
+aiohttp skips the resolver for an IP literal, so ``guard_url`` checks those before the
+request. TLS still uses the original host name (SNI and certificate checks are unchanged).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
 from typing import Any
 
-import anyio
-import httpcore
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+ALLOW_HINT = "set HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true to allow it"
 
 
 class TargetRefused(Exception):
@@ -39,65 +42,62 @@ def refused_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
     return None
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, with the address check between resolving and connecting."""
-
-    def __init__(self, allow_private: bool) -> None:
-        self._allow_private = allow_private
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        if self._allow_private:
-            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        with anyio.fail_after(timeout):
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-        for ip in addresses:
-            reason = refused_reason(ip)
-            if reason is not None:
-                # One bad address refuses the name: a round-robin of public and private is a trap.
-                raise TargetRefused(
-                    f"{host} resolves to a {reason} address ({ip}); "
-                    "set HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true to allow it"
-                )
-        last: Exception | None = None
-        for ip in addresses:
-            try:
-                return await self._inner.connect_tcp(str(ip), port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:
-                last = exc
-        raise last or httpcore.ConnectError(f"{host} did not resolve")
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise TargetRefused("unix sockets are not a delivery target")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+def _check(host: str, address: str) -> None:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    reason = refused_reason(ip)
+    if reason is not None:
+        # One bad address refuses the name: a round-robin of public and private is a trap.
+        raise TargetRefused(f"{host} resolves to a {reason} address ({ip}); {ALLOW_HINT}")
 
 
-def guarded_transport(allow_private: bool, *, max_connections: int = 100) -> httpx.AsyncHTTPTransport:
-    """An httpx transport whose connections go through ``GuardedBackend``.
+class GuardedResolver(AbstractResolver):
+    """The default resolver, with every address checked before the pool may connect to it."""
 
-    httpx builds its httpcore pool inside ``AsyncHTTPTransport``; the pool is replaced by one
-    with the guarded backend and the same limits (httpx has no argument for a backend).
-    """
-    transport = httpx.AsyncHTTPTransport(retries=0, trust_env=False)
-    transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001 (see the docstring)
-        ssl_context=httpx.create_ssl_context(),
-        max_connections=max_connections,
-        max_keepalive_connections=20,
-        keepalive_expiry=30.0,
-        http1=True,
-        http2=False,
-        network_backend=GuardedBackend(allow_private),
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        for info in found:
+            _check(host, info["host"])
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def guard_url(url: str, allow_private: bool) -> URL:
+    """The parsed URL; raises TargetRefused for a private IP literal, ValueError for a bad URL."""
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not an http(s) URL: {url[:100]}")
+    if not allow_private:
+        try:
+            ipaddress.ip_address(parsed.host.split("%", 1)[0])
+        except ValueError:
+            return parsed  # a name: the resolver checks what it resolves to
+        _check(parsed.host, parsed.host)
+    return parsed
+
+
+def guarded_session(
+    allow_private: bool, *, connections: int, timeout_s: float, **kwargs: Any
+) -> aiohttp.ClientSession:
+    """A client session whose pool connects only to checked addresses (unless ``allow_private``),
+    keeps up to ``connections`` connections alive, and never reads a proxy from the environment."""
+    connector = aiohttp.TCPConnector(
+        limit=connections,
+        limit_per_host=0,
+        resolver=None if allow_private else GuardedResolver(),
+        ttl_dns_cache=10,
+        keepalive_timeout=30,
     )
-    return transport
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        trust_env=False,
+        auto_decompress=False,
+        **kwargs,
+    )

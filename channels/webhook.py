@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from channels.base import Endpoint, SendResult
-from channels.net import TargetRefused, guarded_transport
+from channels.net import TargetRefused, guard_url, guarded_session
 from config.settings import Settings
 from core import __version__
 from core.webhooks import signed_headers
@@ -72,15 +73,14 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return min(max(0.0, delay), MAX_RETRY_AFTER_S)
 
 
-def classify(response: httpx.Response) -> SendResult:
-    """What an HTTP answer means for this delivery."""
-    code = response.status_code
+def classify(code: int, headers: Mapping[str, str]) -> SendResult:
+    """What an HTTP answer means for this delivery (``headers``: case-insensitive)."""
     if 200 <= code < 300:
-        return SendResult("ok", code, provider_message_id=response.headers.get("x-request-id"))
+        return SendResult("ok", code, provider_message_id=headers.get("x-request-id"))
     if code == 410:
         return SendResult("gone", code, error="410 Gone: the endpoint is disabled")
     if code == 429 or code == 408 or code >= 500:
-        retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        retry_after = retry_after_seconds(headers.get("retry-after"))
         return SendResult("transient", code, error=f"HTTP {code}", retry_after_s=retry_after)
     if 300 <= code < 400:
         return SendResult("permanent", code, error=f"HTTP {code}: redirects are not followed")
@@ -95,29 +95,24 @@ class WebhookProvider:
         self._timeout = settings.webhook.timeout_s
         self._allow_private = settings.webhook.allow_private_targets
         # One connection per send in flight, kept alive: no handshake per delivery.
-        self._limits = httpx.Limits(
-            max_connections=settings.delivery.concurrency,
-            max_keepalive_connections=settings.delivery.concurrency,
-        )
-        self._client: httpx.AsyncClient | None = None
+        self._connections = settings.delivery.concurrency
+        self._session: aiohttp.ClientSession | None = None
 
-    def _http(self) -> httpx.AsyncClient:
-        # Made on first use, on the loop that sends (httpx binds its pool to that loop).
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                transport=guarded_transport(self._allow_private),
-                timeout=httpx.Timeout(self._timeout),
-                limits=self._limits,
-                follow_redirects=False,
-                trust_env=False,  # no proxy from the environment: the guard must see the target
+    def _http(self) -> aiohttp.ClientSession:
+        # Made on first use, on the loop that sends (the pool belongs to that loop).
+        if self._session is None:
+            self._session = guarded_session(
+                self._allow_private,
+                connections=self._connections,
+                timeout_s=self._timeout,
                 headers={"user-agent": f"herald/{__version__}"},
             )
-        return self._client
+        return self._session
 
     def target(self, endpoint: Endpoint) -> str:
         try:
-            parts = urlsplit(endpoint.address)
-            return f"{parts.hostname or ''}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+            url = URL(endpoint.address)
+            return f"{url.host or ''}:{url.port or ''}"
         except ValueError:
             return endpoint.address[:100]
 
@@ -128,21 +123,36 @@ class WebhookProvider:
         msg_id = str(delivery["delivery_id"])
         headers = {"content-type": "application/json", **signed_headers(endpoint.secret, msg_id, body)}
         try:
-            response = await self._http().post(endpoint.address, content=body, headers=headers)
+            url = guard_url(endpoint.address, self._allow_private)
+            async with self._http().post(url, data=body, headers=headers, allow_redirects=False) as response:
+                await response.read()
+                result = classify(response.status, response.headers)
         except TargetRefused as exc:
             return SendResult("permanent", error=str(exc))
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            return SendResult("permanent", error=f"not a usable URL: {exc}")
-        except httpx.TimeoutException:
+        except (ValueError, aiohttp.InvalidURL) as exc:
+            return SendResult("permanent", error=f"not a usable URL: {exc}"[:300])
+        except TimeoutError:
             return SendResult("transient", error=f"timed out after {self._timeout:g}s")
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
+            refused = _refusal(exc)
+            if refused is not None:
+                return SendResult("permanent", error=str(refused))
             return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
-        result = classify(response)
         if result.outcome == "ok" and result.provider_message_id is None:
             result = SendResult("ok", result.status_code, provider_message_id=msg_id)
         return result
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _refusal(exc: BaseException) -> TargetRefused | None:
+    """The guard's refusal, when the pool wrapped it in a connection error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TargetRefused):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

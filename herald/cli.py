@@ -251,6 +251,17 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             concurrency=args.concurrency,
             loadgen=args.loadgen,
         )
+    if args.bench_command == "deliver":
+        from herald.bench.deliver import run_deliver_bench
+
+        return run_deliver_bench(
+            settings,
+            channel=args.channel,
+            deliveries=args.deliveries,
+            users=args.users,
+            latency_ms=args.latency_ms,
+            concurrency=args.concurrency,
+        )
     from herald.bench.ingest import run_ingest_bench
 
     return run_ingest_bench(
@@ -528,6 +539,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "wrk", "python"),
         default="auto",
         help="wrk if installed (auto), or the asyncio client (sends each request once)",
+    )
+    bd = bsub.add_parser(
+        "deliver",
+        help="deliveries per second through one `herald deliver` process, to a receiver that takes 50 ms",
+        description="Queues --deliveries critical events through the real ingest, then times one "
+        "`herald deliver` process (its own) sending them to a loopback receiver in its own process "
+        "that verifies each signature and answers after --latency-ms. The last line is one JSON object.",
+    )
+    bd.add_argument("--channel", choices=("webhook",), default="webhook")
+    bd.add_argument("--deliveries", type=int, default=50_000, help="default 50000")
+    bd.add_argument("--users", type=int, default=1_000, help="users, one endpoint each (default 1000)")
+    bd.add_argument("--latency-ms", type=int, default=50, help="the receiver's answer time (default 50)")
+    bd.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sends in flight (default: HERALD_DELIVERY__CONCURRENCY, 200)",
     )
     s.set_defaults(func=cmd_bench)
     return p

@@ -160,8 +160,11 @@ def run_deliver(
         stack.callback(publisher.close)
         handler = DeliverHandler(settings, db, publisher, provider, topics=topics)
         stack.callback(handler.close)
+        # A batch no bigger than the send slots: claims stay close behind the sends, so a
+        # crash leaves few claimed rows waiting out their lease.
+        batch_size = min(settings.batch_size, settings.delivery.concurrency)
         loop = BatchLoop(
-            settings,
+            settings.model_copy(update={"batch_size": batch_size}),
             name=f"deliver-{channel}",
             group=group or deliver_group(channel),
             topics=reads,

