@@ -108,6 +108,9 @@ def test_the_center_in_chromium(backend: Backend, db: psycopg.Connection[Any], b
             wait_for(browser, "the badge to read 3", lambda d: badge(d) == "3")
             wait_for(browser, "three items", lambda d: len(titles(d)) == 3)
             assert "#token" not in browser.current_url
+            # Desktop alerts: offered, but permission is asked for only on a click.
+            assert browser.find_element(By.ID, "alerts").is_displayed()
+            assert browser.execute_script("return Notification.permission") == "default"
 
             # The hostile title is text: no <img> in the list, nothing ran.
             assert titles(browser)[0] == XSS

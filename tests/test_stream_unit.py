@@ -7,7 +7,7 @@ import time
 
 import jwt
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from api.auth import StreamTokens, TokenVerifier, Unauthorized
 from api.stream import RESYNC, Hub, frame
@@ -101,3 +101,10 @@ def test_stream_tokens() -> None:
         with pytest.raises(Unauthorized) as err:
             tokens.verify(missing)
         assert err.value.reason == "missing"
+
+
+@pytest.mark.parametrize("bad", ["https://app.example.com/", "*", "app.example.com", "https://*.example.com"])
+def test_cors_origins_are_origins(bad: str) -> None:
+    with pytest.raises(ValidationError):
+        ApiSettings(cors_origins=[bad])
+    assert ApiSettings(cors_origins=["https://app.example.com", "http://localhost:3000"]).cors_origins
