@@ -240,9 +240,10 @@ def run_dev(
         stack.callback(env_file.unlink, missing_ok=True)
         _print_ready(dev, env_file, children, topics)
         if demo:
-            from herald.demo import run_demo
+            from herald.demo import run_demo, send_center_samples
 
             run_demo(dev, receiver_url=receiver_url)
+            send_center_samples(dev, DEV_USER)
             print("\nherald dev keeps running; Ctrl-C stops it.", flush=True)
         while not stopper.event.wait(1.0):
             for child in children:

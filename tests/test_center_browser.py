@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import psycopg
 import pytest
 from selenium import webdriver
@@ -26,7 +27,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.api_support import add_notifications, api_settings, running_api, token
+from tests.api_support import add_notifications, api_settings, bearer, running_api, token
 from tests.helpers import ROOT, event, produce, start_ingest
 
 if TYPE_CHECKING:
@@ -123,6 +124,14 @@ def test_the_center_in_chromium(backend: Backend, db: psycopg.Connection[Any], b
             wait_for(browser, "the badge to read 2", lambda d: badge(d) == "2")
             wait_for(browser, "read_at in PostgreSQL", lambda _: unread_in_db(db, user) == 2)
 
+            # Another device reads one: this page follows (count and row) without a reload.
+            other = browser.find_elements(By.CSS_SELECTOR, "#list .item.unread")[-1]
+            nid = other.get_attribute("data-id")
+            r = httpx.post(f"{base}/v1/notifications/{nid}/read", headers=bearer(user), timeout=10)
+            assert r.status_code == 200
+            wait_for(browser, "the badge to read 1", lambda d: badge(d) == "1")
+            wait_for(browser, "the row to show read", lambda d: "unread" not in other.get_attribute("class"))
+
             # A live one: Kafka -> ingest -> NOTIFY -> stream -> the page, no reload.
             produce(
                 settings,
@@ -137,7 +146,7 @@ def test_the_center_in_chromium(backend: Backend, db: psycopg.Connection[Any], b
                 ],
             )
             wait_for(browser, "the live notification", lambda d: "Build 7 passed" in titles(d), timeout=30)
-            wait_for(browser, "the badge to read 3", lambda d: badge(d) == "3")
+            wait_for(browser, "the badge to read 2", lambda d: badge(d) == "2")
             assert titles(browser)[0] == "Build 7 passed"  # newest first
             link = browser.find_element(By.CSS_SELECTOR, "#list .item a.title")
             assert link.get_attribute("href") == f"{base}/builds/7"

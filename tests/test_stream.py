@@ -212,3 +212,27 @@ def test_heartbeats_and_a_prompt_stop(backend: Backend, db: Conn, user: str) -> 
     assert time.monotonic() - started < 5
     assert c.ended.wait(2)
     c.close()
+
+
+def test_a_lost_listen_connection_loses_nothing(backend: Backend, db: Conn, user: str) -> None:
+    """A row committed with no NOTIFY anyone heard (here: none at all) still reaches the open
+    stream: the listener's reconnect wakes every stream, and each looks from its position."""
+    settings = api_settings(backend.bootstrap, backend.database_url)
+    with running_api(settings) as base, SseClient(base, user) as c:
+        c.next("unread")
+        nid = uuid.uuid4()
+        db.execute(
+            "INSERT INTO notifications (id, user_id, source, type, severity, title, idempotency_key,"
+            " occurred_at) VALUES (%s, %s, 'test', 't', 'info', 'unannounced', %s, now())",
+            (nid, user, f"k:{nid}"),
+        )
+        time.sleep(0.3)
+        assert c.events.empty(), "nothing announced it yet"
+        killed = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE query = %s AND pid <> pg_backend_pid()",
+            (f"LISTEN {stream.CHANNEL}",),
+        ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        assert c.next("notification", timeout=10).json()["title"] == "unannounced"
+        assert c.next("unread").json() == {"count": 1}

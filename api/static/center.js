@@ -207,6 +207,24 @@
     els.empty.hidden = state.items.size > 0;
   }
 
+  // Another tab or device read something: the server's count and the rows on screen
+  // disagree, so fetch what is on screen again (debounced) and take the server's read_at.
+  let reconciling = null;
+  function reconcile(count) {
+    if (!state.loaded) return;
+    let local = 0;
+    for (const n of state.items.values()) if (!n.read_at) local += 1;
+    if (state.cursor ? local <= count : local === count) return;
+    clearTimeout(reconciling);
+    reconciling = setTimeout(async () => {
+      const limit = Math.min(Math.max(state.items.size, 1), 100);
+      try {
+        const page = await api("GET", "/v1/notifications?limit=" + limit);
+        for (const n of page.items) upsert(n, false);
+      } catch (_) { /* the next count tries again */ }
+    }, 150);
+  }
+
   async function reload() {
     for (const id of [...state.items.keys()]) remove(id);
     state.cursor = null;
@@ -261,7 +279,9 @@
     es.addEventListener("reset", () => { reload().catch(() => {}); });
     es.addEventListener("unread", async (e) => {
       state.lastEventId = e.lastEventId;
-      setUnread(JSON.parse(e.data).count);
+      const count = JSON.parse(e.data).count;
+      setUnread(count);
+      reconcile(count);
       state.retryMs = 1000;
       setConn("live", "live");
       if (!state.loaded) {
