@@ -236,3 +236,20 @@ def test_a_lost_listen_connection_loses_nothing(backend: Backend, db: Conn, user
         assert killed is not None and killed[0] >= 1
         assert c.next("notification", timeout=10).json()["title"] == "unannounced"
         assert c.next("unread").json() == {"count": 1}
+
+
+def test_a_stream_ends_with_its_session(backend: Backend, db: Conn, user: str) -> None:
+    """The stream token carries the bearer token's exp: the stream closes then, and its
+    token no longer opens one (the page must come back with a fresh bearer token)."""
+    settings = api_settings(backend.bootstrap, backend.database_url)
+    with running_api(settings) as base:
+        r = httpx.post(f"{base}/v1/stream/token", headers=bearer(user, ttl=2), timeout=10)
+        st = r.json()["token"]
+        assert r.json()["expires_in"] <= 2
+        started = time.monotonic()
+        with httpx.stream("GET", f"{base}/v1/stream", params={"token": st}, timeout=10) as resp:
+            assert resp.status_code == 200
+            body = b"".join(resp.iter_bytes())  # returns once the server ends the stream
+        assert time.monotonic() - started < 5
+        assert b"event: unread" in body
+        assert httpx.get(f"{base}/v1/stream", params={"token": st}, timeout=10).status_code == 401
