@@ -20,9 +20,12 @@ dev: $(STAMP)
 	$(BIN)/herald dev
 
 # Debian packages the tests use: kcat, the independent Kafka client the dev-stack test checks
-# dev.env with; wrk, the load generator of `herald bench receiver` (tests/test_bench_receiver.py).
-DEB_TOOLS := kcat wrk
+# dev.env with; wrk, the load generator of `herald bench receiver` (tests/test_bench_receiver.py);
+# chromium and its chromedriver (package chromium-driver), the browser of the notification
+# center's test (tests/test_center_browser.py).
+DEB_TOOLS := kcat wrk chromium
 MISSING_TOOLS := $(foreach t,$(DEB_TOOLS),$(if $(shell command -v $(t) 2>/dev/null),,$(t)))
+MISSING_TOOLS += $(if $(shell command -v chromedriver 2>/dev/null),,chromium-driver)
 tools:
 ifneq ($(strip $(MISSING_TOOLS)),)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -48,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/herald bench deliver
 
 clean:
-	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts

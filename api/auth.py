@@ -13,6 +13,10 @@ than the rest of a small request. A remembered token still stops working at ``ex
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any
@@ -22,6 +26,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from config.settings import ApiSettings
 from core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 HS256 = "HS256"
 RS256 = "RS256"
@@ -66,13 +72,17 @@ class TokenVerifier:
         self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def user_id(self, authorization: str | None) -> str:
+        return self.session(authorization)[0]
+
+    def session(self, authorization: str | None) -> tuple[str, float]:
+        """The user id and the token's ``exp`` (epoch seconds): a stream lives no longer."""
         token = _bearer(authorization)
         hit = self._cache.get(token)
         if hit is not None:
             user, exp = hit
             if time.time() < exp + self._leeway:
                 self._cache.move_to_end(token)
-                return user
+                return hit
             del self._cache[token]
             raise Unauthorized("expired", "the token has expired")
         user, exp = self._verify(token)
@@ -80,7 +90,7 @@ class TokenVerifier:
             self._cache[token] = (user, exp)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return user
+        return user, exp
 
     def _verify(self, token: str) -> tuple[str, float]:
         try:
@@ -143,3 +153,64 @@ def mint(api: ApiSettings, user_id: str, ttl_s: int = 3600) -> str:
     if api.issuer is not None:
         claims["iss"] = api.issuer
     return jwt.encode(claims, api.jwt_secret.get_secret_value(), algorithm=HS256)
+
+
+# A stream token is for GET /v1/stream and nothing else: its own audience, so it is never
+# accepted as a bearer token (nor a bearer token as a stream token), even with one key.
+STREAM_AUDIENCE = "herald-stream"
+
+
+class StreamTokens:
+    """Short-lived signed tokens for ``GET /v1/stream?token=…``: a browser's EventSource
+    cannot send an Authorization header, so the page trades its bearer token for one.
+
+    HS256 with ``HERALD_API__STREAM_SECRET``; unset, a key derived from
+    ``HERALD_API__JWT_SECRET`` (so every API process sharing that secret accepts the
+    others' stream tokens), else a random key of this process. ``sx`` carries the bearer
+    token's ``exp``: a stream never outlives the session it was opened with.
+    """
+
+    def __init__(self, api: ApiSettings) -> None:
+        if api.stream_secret is not None:
+            self._key = api.stream_secret.get_secret_value().encode()
+        elif api.jwt_secret is not None:
+            self._key = hmac.new(
+                api.jwt_secret.get_secret_value().encode(), b"herald stream tokens", hashlib.sha256
+            ).digest()
+        else:
+            log.info(
+                "stream tokens are signed with a key of this process: with several API processes, "
+                "set HERALD_API__STREAM_SECRET on all of them"
+            )
+            self._key = secrets.token_bytes(32)
+        self.ttl_s = api.stream_token_ttl_s
+
+    def mint(self, user_id: str, session_exp: float) -> tuple[str, int]:
+        """The token and its lifetime in seconds."""
+        now = int(time.time())
+        exp = min(now + self.ttl_s, int(session_exp))
+        claims = {"sub": user_id, "aud": STREAM_AUDIENCE, "iat": now, "exp": exp, "sx": int(session_exp)}
+        return jwt.encode(claims, self._key, algorithm=HS256), max(exp - now, 0)
+
+    def verify(self, token: str | None) -> tuple[str, float]:
+        """The user id and the session's end; ``Unauthorized`` otherwise."""
+        if not token:
+            raise Unauthorized("missing", "token: a stream token from POST /v1/stream/token is required")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthorized("malformed", "token: too long")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[HS256],
+                audience=STREAM_AUDIENCE,
+                options={"require": ["exp", "sub", "sx"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("expired", "token: the stream token has expired; get a new one") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized("signature", "token: not a stream token this API issued") from exc
+        sub, sx = claims.get("sub"), claims.get("sx")
+        if not isinstance(sub, str) or not sub or not isinstance(sx, int):
+            raise Unauthorized("claims", "token: not a stream token this API issued")
+        return sub, float(sx)

@@ -22,8 +22,8 @@ _BOOL_MAP = {
 }
 
 _REASONS = {
-    400: "Malformed input: a parameter, the id, the cursor or the JSON body",
-    401: "No bearer token, or one that does not verify (expired, wrong audience or algorithm, ...)",
+    400: "Malformed input: a parameter, the id, the cursor, the JSON body or the Last-Event-ID",
+    401: "No bearer token (or stream token), or one that does not verify (expired, wrong audience, ...)",
     403: "The unsubscribe token's signature does not match",
     404: "No such notification for this user (whether it exists for another is not said)",
     413: "The body is larger than the limit",
@@ -66,7 +66,8 @@ def document(api: ApiSettings) -> dict[str, Any]:
         "info": {
             "title": "herald in-app API",
             "version": __version__,
-            "description": "The inbox, preferences and one-click unsubscribe. Errors are RFC 9457 problems.",
+            "description": "The inbox, its live stream, preferences and one-click unsubscribe. "
+            "Errors are RFC 9457 problems.",
         },
         "security": [{"bearer": []}],
         "paths": {
@@ -173,6 +174,72 @@ def document(api: ApiSettings) -> dict[str, Any]:
                     },
                     "responses": {**_ok("Preferences", prefs), **_problems(*_AUTHED, 413, 415, 422)},
                 },
+            },
+            "/v1/stream/token": {
+                "post": {
+                    "operationId": "streamToken",
+                    "summary": "Trade the bearer token for a short-lived stream token (for EventSource)",
+                    "description": "Valid for `expires_in` seconds (HERALD_API__STREAM_TOKEN_TTL_S), "
+                    "never past the bearer token's own exp; for GET /v1/stream only. Any body is ignored.",
+                    "responses": {
+                        **_ok(
+                            "A stream token",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "token": {"type": "string"},
+                                    "expires_in": {"type": "integer", "minimum": 0},
+                                },
+                                "required": ["token", "expires_in"],
+                                "additionalProperties": False,
+                            },
+                        ),
+                        **_problems(401, 413, 503),
+                    },
+                }
+            },
+            "/v1/stream": {
+                "get": {
+                    "operationId": "stream",
+                    "summary": "Server-Sent Events: new notifications and unread counts, live",
+                    "description": "Events: `notification` (data: a Notification; oldest first), `reset` "
+                    "(more were missed than one burst carries: reload the list), `unread` (data: "
+                    '`{"count": n}`; its `id` is the position after everything sent before it). '
+                    "A `: ping` comment every HERALD_API__STREAM_HEARTBEAT_S. Reconnect with "
+                    "Last-Event-ID (EventSource does) or `last_event_id`: nothing is missed; a "
+                    "notification may come twice, so keep them by id.",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "token",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "from POST /v1/stream/token",
+                        },
+                        {
+                            "name": "last_event_id",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "the last event id seen, for a new EventSource (the "
+                            "Last-Event-ID header wins when both are sent)",
+                        },
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "schema": {"type": "string"},
+                            "description": "sent by EventSource when it reconnects",
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The event stream, until the client leaves, the session "
+                            "expires, or the server drops a client that fell behind",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_problems(400, 401, 503),
+                    },
+                }
             },
             "/v1/unsubscribe": {
                 "post": {

@@ -18,13 +18,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, St
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import TokenVerifier, Unauthorized
+from api.auth import StreamTokens, TokenVerifier, Unauthorized
+from api.stream import EventStream, Hub
 from config.settings import CHANNELS, Settings
 from core import metrics
+from core.errors import RecordRejected
 from core.policy import PREFERENCE_CHANNELS, Preferences
 from core.unsubscribe import InvalidToken, read_token
 from core.web import HttpProblem, read_body
-from storage import inbox
+from storage import inbox, stream
 from storage.pool import AsyncDatabase
 from storage.preferences import read_preferences, write_preferences
 
@@ -130,24 +132,39 @@ def _state(s: inbox.State) -> JSONResponse:
 class Handlers:
     """One per app: the pool, the verifier and the settings they need."""
 
-    def __init__(self, settings: Settings, db: AsyncDatabase, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: AsyncDatabase,
+        verifier: TokenVerifier,
+        hub: Hub | None = None,
+        stream_tokens: StreamTokens | None = None,
+    ) -> None:
         self._settings = settings
         self._api = settings.api
         self._db = db
         self._verifier = verifier
+        self._hub = hub if hub is not None else Hub(settings.api.stream_queue_size)
+        self._stream_tokens = stream_tokens if stream_tokens is not None else StreamTokens(settings.api)
         self._defaults = Preferences.defaults(settings.policy)
         self._mandatory = sorted(settings.policy.mandatory_categories)
         self._metrics = metrics.api()
 
     def user(self, request: Request) -> str:
+        return self.session(request)[0]
+
+    def session(self, request: Request) -> tuple[str, float]:
         try:
-            return self._verifier.user_id(request.headers.get("authorization"))
+            return self._verifier.session(request.headers.get("authorization"))
         except Unauthorized as exc:
-            self._metrics.auth_failures.labels(exc.reason).inc()
-            error = "invalid_request" if exc.reason == "missing" else "invalid_token"
-            raise HttpProblem(
-                401, "Unauthorized", exc.detail, headers={"WWW-Authenticate": f'Bearer error="{error}"'}
-            ) from exc
+            raise self._unauthorized(exc) from exc
+
+    def _unauthorized(self, exc: Unauthorized) -> HttpProblem:
+        self._metrics.auth_failures.labels(exc.reason).inc()
+        error = "invalid_request" if exc.reason == "missing" else "invalid_token"
+        return HttpProblem(
+            401, "Unauthorized", exc.detail, headers={"WWW-Authenticate": f'Bearer error="{error}"'}
+        )
 
     # notifications
 
@@ -184,6 +201,8 @@ class Handlers:
         nid = _notification_id(request)
         async with self._db.connection() as conn:
             state = await inbox.mark_read(conn, user, nid)
+            if state is not None:  # committed (autocommit): the user's other tabs recount
+                await stream.notify_user(conn, user, stream.READ)
         return self._found(state)
 
     async def archive(self, request: Request) -> Response:
@@ -191,6 +210,8 @@ class Handlers:
         nid = _notification_id(request)
         async with self._db.connection() as conn:
             state = await inbox.archive(conn, user, nid)
+            if state is not None:
+                await stream.notify_user(conn, user, stream.READ)
         return self._found(state)
 
     @staticmethod
@@ -211,7 +232,53 @@ class Handlers:
                 raise _invalid(exc) from exc
         async with self._db.connection() as conn:
             marked = await inbox.mark_all_read(conn, user, before)
+            if marked:
+                await stream.notify_user(conn, user, stream.READ)
         return JSONResponse({"marked": marked})
+
+    # the live stream (api/stream.py): a bearer token buys a short-lived stream token,
+    # because a browser's EventSource cannot send an Authorization header
+
+    async def stream_token(self, request: Request) -> Response:
+        user, session_exp = self.session(request)
+        await read_body(request, self._api.max_body_bytes)
+        token, ttl = self._stream_tokens.mint(user, session_exp)
+        return JSONResponse({"token": token, "expires_in": ttl}, headers={"Cache-Control": "no-store"})
+
+    async def stream(self, request: Request) -> Response:
+        try:
+            user, session_exp = self._stream_tokens.verify(request.query_params.get("token"))
+        except Unauthorized as exc:
+            raise self._unauthorized(exc) from exc
+        # The browser's own reconnect sends the header; a page that opens a new EventSource
+        # (after a new token) passes the last id it saw as a parameter.
+        position = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        if position is not None and not stream.valid_position(position):
+            raise HttpProblem(400, "Bad Request", "Last-Event-ID: not an event id this stream sent")
+        sub = self._hub.subscribe(user)  # before the first look, so no wake-up falls between
+        try:
+            if position is not None:  # a forged position PostgreSQL refuses: 400 before streaming
+                async with self._db.connection() as conn:
+                    await stream.check_position(conn, position)
+        except RecordRejected as exc:
+            self._hub.unsubscribe(sub)
+            raise HttpProblem(400, "Bad Request", "Last-Event-ID: not an event id this stream sent") from exc
+        except BaseException:
+            self._hub.unsubscribe(sub)
+            raise
+        return EventStream(
+            self._hub,
+            sub,
+            self._db,
+            position=position,
+            session_exp=session_exp,
+            heartbeat_s=self._api.stream_heartbeat_s,
+            limit=self._api.max_page_size,
+            headers={
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",  # nginx: pass events on at once
+            },
+        )
 
     # preferences
 

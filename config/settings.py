@@ -199,12 +199,39 @@ class ApiSettings(BaseModel):
     pool_size: int = Field(default=8, ge=1, le=200)
     # Verified tokens kept (by token string) so a hot client is not re-verified per request.
     token_cache_size: int = Field(default=10_000, ge=0)
+    # The live stream (GET /v1/stream). A page trades its bearer token for a stream token
+    # (POST /v1/stream/token), signed with stream_secret: set the same one on every API process
+    # behind one load balancer. Unset: derived from jwt_secret, else random per process.
+    stream_secret: SecretStr | None = None
+    stream_token_ttl_s: int = Field(default=60, ge=5, le=3600)
+    # A comment line this often keeps proxies from closing an idle stream.
+    stream_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
+    # Wake-ups a client may have pending; a client that falls this far behind is dropped and
+    # reconnects with Last-Event-ID, so it never holds up the others.
+    stream_queue_size: int = Field(default=64, ge=1, le=10_000)
+    # Origins (https://app.example.com) whose pages may call the API and open the stream.
+    cors_origins: list[str] = Field(default_factory=list)
 
     @field_validator("jwt_secret")
     @classmethod
     def _hs256_length(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().encode()) < 32:
             raise ValueError("must be at least 32 bytes for HS256 (RFC 7518 3.2): `openssl rand -hex 32`")
+        return value
+
+    @field_validator("stream_secret")
+    @classmethod
+    def _stream_secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes: `openssl rand -hex 32`")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/\s*]+", origin):
+                raise ValueError(f"{origin!r}: an origin is scheme://host[:port], no path, no wildcard")
         return value
 
     @field_validator("jwt_public_key")

@@ -41,6 +41,7 @@ from core.policy import Decision, Preferences
 from producers.publisher import OutRecord, Publisher
 from producers.topics import Topics
 from storage import notifications as store
+from storage import stream
 from storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,11 @@ class IngestHandler:
             hidden = [prefs[n.user_id].hidden(n.category) for n in notes]
             inserted = store.insert_notifications(cur, notes, hidden)
             new = [n for n in notes if n.id in inserted]
+            # Open streams of these users wake once this commits (storage/stream.py).
+            stream.notify_users(
+                cur,
+                sorted({n.user_id for n, h in zip(notes, hidden, strict=True) if not h and n.id in inserted}),
+            )
             planned = [d for n in new for d in policy.plan(n, prefs[n.user_id])]
             counts = store.add_rate_counts(cur, policy.requested(planned))
             decisions = policy.apply_rate_limits(planned, counts, self._policy)

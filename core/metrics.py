@@ -216,6 +216,8 @@ API_ROUTES = (
     "preferences_get",
     "preferences_put",
     "unsubscribe",
+    "stream_token",
+    "stream",
 )
 
 
@@ -251,6 +253,36 @@ def api() -> ApiMetrics:
     )
     for route in API_ROUTES:
         m.request_seconds.labels(route)
+    return m
+
+
+@dataclass(frozen=True)
+class StreamMetrics:
+    """``herald api``'s live stream (``GET /v1/stream``)."""
+
+    clients: Gauge
+    dropped: Counter
+    events: Counter
+
+
+@cache
+def stream() -> StreamMetrics:
+    m = StreamMetrics(
+        clients=Gauge("herald_stream_clients", "Open event streams in this process."),
+        dropped=Counter(
+            "herald_stream_dropped",
+            "Streams the server ended, by reason: slow (its queue overflowed; it reconnects "
+            "with Last-Event-ID), shutdown.",
+            ["reason"],
+        ),
+        events=Counter(
+            "herald_stream_events",
+            "Events sent to streams, by event: notification, unread, reset.",
+            ["event"],
+        ),
+    )
+    for reason in ("slow", "shutdown"):
+        m.dropped.labels(reason)
     return m
 
 

@@ -88,19 +88,34 @@ class Server(uvicorn.Server):
     end killed by the signal (exit -15) instead of exiting 0 like every other herald process.
     Here a signal only asks for the graceful stop; a second SIGINT still forces it."""
 
+    on_shutdown: Callable[[], None] | None = None
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
             self.should_exit = True
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # First, on the loop: end what would never finish on its own (event streams).
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        await super().shutdown(sockets)
 
-def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) -> uvicorn.Server:
+
+def server(
+    app: Any,
+    *,
+    log_level: str = "warning",
+    graceful_s: float = 10.0,
+    on_shutdown: Callable[[], None] | None = None,
+) -> uvicorn.Server:
     """A uvicorn server for ``app``, without access logs (they would print paths with tokens).
 
     ``server(app).run(sockets=[bind(...)])`` serves until SIGTERM or SIGINT, then stops
     accepting, finishes requests in flight (up to ``graceful_s``) and runs the app's
-    lifespan shutdown, where an app flushes what it holds.
+    lifespan shutdown, where an app flushes what it holds. ``on_shutdown`` runs first, on the
+    loop: it ends responses that never finish on their own (the API's event streams).
     """
     config = uvicorn.Config(
         app,
@@ -111,7 +126,9 @@ def server(app: Any, *, log_level: str = "warning", graceful_s: float = 10.0) ->
         server_header=False,
         proxy_headers=False,
     )
-    return Server(config)
+    srv = Server(config)
+    srv.on_shutdown = on_shutdown
+    return srv
 
 
 class HttpProblem(Exception):

@@ -331,3 +331,55 @@ def report(settings: Settings, run: str, events: list[dict[str, Any] | bytes], o
 def _offset(headers: dict[str, bytes]) -> int:
     raw = headers.get("kafka_dlt-original-offset", b"")
     return int.from_bytes(raw, "big", signed=True) if len(raw) == 8 else -1
+
+
+def send_center_samples(settings: Settings, user: str) -> None:
+    """A few notifications for ``user``, whose notification center ``herald dev`` printed:
+    the page shows them arrive live (and the titles as text, the last one included)."""
+    run = uuid.uuid4().hex[:6]
+    now = datetime.now(UTC).isoformat()
+    samples = [
+        {
+            "type": "invoice.paid",
+            "title": "Invoice INV-7 was paid",
+            "severity": "success",
+            "summary": "4,200.00 EUR received from Acme GmbH.",
+            "target_url": "/billing/invoices/INV-7",
+        },
+        {
+            "type": "deploy.failed",
+            "title": "Deploy 41 failed",
+            "severity": "critical",
+            "summary": "The health check of api-7 did not pass; rolled back.",
+            "target_url": "/deploys/41",
+        },
+        {"type": "comment.added", "title": "New comment on 'Q3 plan'", "summary": "Dana: looks good to me."},
+        {
+            "type": "security.probe",
+            "title": "<img src=x onerror=alert(1)> shows as text",
+            "summary": "Titles and summaries are never rendered as HTML.",
+        },
+    ]
+    topics = Topics(settings.topic_prefix)
+    records = [
+        OutRecord(
+            topics.events,
+            json.dumps(
+                {
+                    "id": f"center-{run}-{i}",
+                    "source": "herald-dev",
+                    "user_id": user,
+                    "occurred_at": now,
+                    **sample,
+                }
+            ).encode(),
+            key=user.encode(),
+        )
+        for i, sample in enumerate(samples)
+    ]
+    publisher = KafkaPublisher(settings)
+    try:
+        publisher.publish(records)
+    finally:
+        publisher.close()
+    print(f"demo: {len(records)} notifications for {user}: open the center URL above to see them", flush=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from api.auth import mint
 from config.settings import Settings, SourceSettings
 from consumers.loop import Stopper
 from core.webhooks import new_secret
@@ -37,6 +38,8 @@ from storage.migrate import migrate
 log = logging.getLogger(__name__)
 
 DEV_SOURCE = "dev"
+# Whose inbox the printed notification center URL opens.
+DEV_USER = "dev-user"
 
 
 class Child:
@@ -112,6 +115,12 @@ def with_api(settings: Settings, port: int) -> Settings:
 
 def api_url(settings: Settings) -> str:
     return f"http://{settings.api.host}:{settings.api.port}"
+
+
+def center_url(settings: Settings) -> str:
+    """The notification center as ``DEV_USER``. The token rides in the fragment, which a
+    browser never sends, so it reaches no server log; the page moves it to sessionStorage."""
+    return f"{api_url(settings)}/#token={mint(settings.api, DEV_USER, ttl_s=12 * 3600)}"
 
 
 def dev_source(settings: Settings) -> tuple[Settings, dict[str, str]]:
@@ -231,9 +240,10 @@ def run_dev(
         stack.callback(env_file.unlink, missing_ok=True)
         _print_ready(dev, env_file, children, topics)
         if demo:
-            from herald.demo import run_demo
+            from herald.demo import run_demo, send_center_samples
 
             run_demo(dev, receiver_url=receiver_url)
+            send_center_samples(dev, DEV_USER)
             print("\nherald dev keeps running; Ctrl-C stops it.", flush=True)
         while not stopper.event.wait(1.0):
             for child in children:
@@ -273,6 +283,8 @@ def _print_ready(settings: Settings, env_file: Path, children: list[Child], topi
         f"{api_url(settings)}/v1/notifications)\n",
         flush=True,
     )
+    if any(child.name == "api" for child in children):
+        print(f"  center      {center_url(settings)}  ({DEV_USER}'s inbox, live)\n", flush=True)
     for child in children:
         if child.url:
             print(f"  {child.name:<16} {child.url}/webhooks/<source>")

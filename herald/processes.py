@@ -201,7 +201,7 @@ def run_api(settings: Settings) -> None:
         # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found:
         # a no-op one here, so a clean stop exits 0 like every other herald process.
         signal.signal(signal.SIGTERM, lambda *_: None)
-        server(app, log_level=settings.log_level).run(sockets=[sock])
+        server(app, log_level=settings.log_level, on_shutdown=app.state.stop_streams).run(sockets=[sock])
 
 
 class ReceiverRun:

@@ -49,7 +49,7 @@ def running_api(settings: Settings) -> Iterator[str]:
     """Serve the real app on a free loopback port in a thread; yields its base URL."""
     app = create_app(settings)
     sock = bind("127.0.0.1", 0, "HERALD_API__PORT")
-    srv = server(app)
+    srv = server(app, on_shutdown=app.state.stop_streams)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

@@ -186,6 +186,21 @@ def test_dev_env_reaches_the_stack_and_goes_away(
     with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (loopback)
         assert json.loads(resp.read()) == {"count": 2}, "both events (direct and via the receiver)"
 
+    # The notification center URL it printed: the page, and a token for dev-user's inbox.
+    center = next(
+        line.split()[1] for line in log.read_text().splitlines() if line.strip().startswith("center ")
+    )
+    page, _, fragment = center.partition("#token=")
+    assert page == f"{dev['HERALD_API_URL']}/" and fragment
+    with urllib.request.urlopen(page, timeout=10) as resp:  # noqa: S310 (loopback)
+        assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    request = urllib.request.Request(
+        f"{dev['HERALD_API_URL']}/v1/notifications/unread-count",
+        headers={"Authorization": f"Bearer {fragment}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (loopback)
+        assert json.loads(resp.read()) == {"count": 2}, "the printed URL opens dev-user's inbox"
+
     # kcat: an independent Kafka client sees the stack. Debian's kcat 1.7.1 (librdkafka 2.0.2)
     # cannot parse Tansu 0.6's ApiVersions reply ("Read underflow"), so it skips that
     # handshake; metadata works that way, fetching does not (see README, embedded notes).
