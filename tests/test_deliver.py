@@ -324,7 +324,9 @@ def test_timeouts_and_dropped_connections_are_transient(
     assert (slow["status"], slow["status_reason"], slow["attempts"]) == ("failed", "exhausted", 2)
     assert slow["last_error"] == "timed out after 1s"
     assert (cut["status"], cut["status_reason"], cut["attempts"]) == ("failed", "exhausted", 2)
-    assert "ServerDisconnected" in cut["last_error"] or "ClientOSError" in cut["last_error"], cut["last_error"]
+    assert "ServerDisconnected" in cut["last_error"] or "ClientOSError" in cut["last_error"], cut[
+        "last_error"
+    ]
     assert len(peer.at("/hang")) == 2 and len(peer.at("/drop")) == 2
 
 
@@ -462,6 +464,7 @@ def test_a_rebalance_cancels_a_hanging_send_instead_of_waiting_for_its_timeout(
     s = deliver_settings(
         backend,
         session_timeout_ms=6000,
+        delivery={"retry_tiers": ["1s", "2s"], "max_attempts": 3, "lease_s": 10, "rebalance_grace_s": 1},
         webhook={"timeout_s": timeout_s, "allow_private_targets": True},
     )
     group = f"d-{uuid.uuid4().hex[:8]}"
@@ -487,3 +490,31 @@ def test_a_rebalance_cancels_a_hanging_send_instead_of_waiting_for_its_timeout(
             second.stop()
     (row,) = rows(db, "stuck")
     assert row["status"] == "sent"
+
+
+def test_a_rebalance_lets_a_send_finish_within_the_grace(
+    db: Conn, backend: Backend, peer: WebhookPeer
+) -> None:
+    s = deliver_settings(
+        backend,
+        session_timeout_ms=6000,
+        delivery={"retry_tiers": ["1s"], "max_attempts": 3, "lease_s": 10, "rebalance_grace_s": 8},
+        webhook={"timeout_s": 5.0, "allow_private_targets": True},
+    )
+    group = f"d-{uuid.uuid4().hex[:8]}"
+    user_with(db, s, "patient", peer.url("/slow/2500"))
+    send_events(s, critical("patient"))
+    first = start_deliver(s, group)
+    second = None
+    try:
+        peer.wait_for("/slow/2500", 1, timeout=30)
+        second = start_deliver(s, group)  # a rebalance while the send is in flight
+        wait_until(final(db, "patient"), timeout=30)
+        time.sleep(3)  # the partition's next owner had time to read the record again
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    (row,) = rows(db, "patient")
+    assert row["status"] == "sent" and row["attempts"] == 1, row
+    assert len(peer.at("/slow/2500")) == 1, "finished within the grace: recorded, committed, not sent again"
