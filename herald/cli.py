@@ -68,6 +68,18 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_digest(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.loop import Stopper
+    from herald.processes import run_digest
+
+    stopper = Stopper()
+    stopper.install()
+    run_digest(
+        settings, group=args.group, stopper=stopper, max_messages=args.max_messages, timeout=args.timeout
+    )
+    return 0
+
+
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from herald.processes import run_api
 
@@ -387,6 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
     s.set_defaults(func=cmd_deliver)
+
+    s = sub.add_parser(
+        "digest",
+        help="turn warnings into one digest per event-time window and user (herald.digests.pending)",
+        description="Reads <prefix>.digests.pending into windows per (user, channel, batch_key), "
+        "kept in PostgreSQL; closes each at its end plus HERALD_DIGEST__GRACE_S (or at "
+        "HERALD_DIGEST__MAX_ITEMS) and publishes one digest to <prefix>.deliveries.<channel>.",
+    )
+    s.add_argument("--group", default="herald-digest", help="consumer group (default herald-digest)")
+    s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
+    s.set_defaults(func=cmd_digest)
 
     s = sub.add_parser(
         "api",
