@@ -253,6 +253,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             connections=args.connections,
             count_connections=args.count_connections,
         )
+    if args.bench_command == "digest":
+        from herald.bench.digest import run_digest_bench
+
+        return run_digest_bench(
+            settings, items=args.items, users=args.users, window_s=args.window_s, grace_s=args.grace_s
+        )
     if args.bench_command == "receiver":
         from herald.bench.receiver import run_receiver_bench
 
@@ -552,6 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "wrk", "python"),
         default="auto",
         help="wrk if installed (auto), or the asyncio client (sends each request once)",
+    )
+    bd = bsub.add_parser(
+        "digest",
+        help="digest items per second into event-time windows, and the p99 close lag",
+        description="Bulk-loads the rows ingest would leave, produces their digest entries, runs "
+        "`herald digest` (in-process) until every item is committed and every window closed. "
+        "The last line is one JSON object.",
+    )
+    bd.add_argument("--items", type=int, default=200_000)
+    bd.add_argument("--users", type=int, default=5_000)
+    bd.add_argument("--window-s", type=int, default=10, metavar="S", help="window length (default 10)")
+    bd.add_argument(
+        "--grace-s", type=float, metavar="S", help="grace after a window's end (default 2; lag excludes it)"
     )
     s.set_defaults(func=cmd_bench)
     return p

@@ -164,7 +164,7 @@ class DueWindow:
     window_start: datetime
     window_seconds: int
     sequence: int
-    lag_s: float  # how long after its closing time it is being closed
+    lag_s: float  # how long after its closing time it was claimed
 
 
 @dataclass(frozen=True, slots=True)
