@@ -270,13 +270,18 @@ class DigestHandler:
     # -- closing ---------------------------------------------------------------------------
 
     def close_due(self) -> int:
-        """Close every due window, page by page; returns how many closed."""
+        """Close every due window, page by page, then settle their items; returns how many closed.
+
+        The digests go out first: the items' delivery rows (one update per item) wait until
+        every due page is published, so they never delay a digest.
+        """
         total = 0
+        done: list[uuid.UUID] = []
         while True:
             started = time.perf_counter()
             with self._close_db.transaction() as cur:
                 due = store.claim_due(cur, PAGE)
-                closed = self._decide(due, store.items_of(cur, [w.id for w in due])) if due else []
+                closed = self._decide(due, store.summaries(cur, [w.id for w in due], self._cfg.titles))
                 store.close(cur, closed)
             records = [self._encode(c.record, c.window.channel, c.window.user_id) for c in closed if c.record]
             if records:
@@ -284,19 +289,23 @@ class DigestHandler:
                 with self._close_db.transaction() as cur:
                     mark_published(cur, [c.window.id for c in closed if c.record])
             self._account(closed, time.perf_counter() - started)
+            done += [c.window.id for c in closed]
             total += len(closed)
             if len(due) < PAGE:
-                return total
+                break
+        for lo in range(0, len(done), PAGE):
+            with self._close_db.transaction() as cur:
+                store.settle(cur, done[lo : lo + PAGE])
+        return total
 
     def _decide(
-        self, due: Sequence[store.DueWindow], items: dict[uuid.UUID, list[store.ClosingItem]]
+        self, due: Sequence[store.DueWindow], summaries: dict[uuid.UUID, store.Summary]
     ) -> list[store.Closed]:
         out = []
         for w in due:
-            unread = [i for i in items[w.id] if not i.read]
-            read = [i.delivery_id for i in items[w.id] if i.read]
-            if not unread:
-                out.append(store.Closed(w, "suppressed", None, (), read))
+            s = summaries.get(w.id)
+            if s is None or s.unread == 0:
+                out.append(store.Closed(w, "suppressed", None, 0, s.left_out if s else ()))
                 continue
             record = digest_record(
                 delivery_id=w.id,
@@ -306,12 +315,16 @@ class DigestHandler:
                 window_start=w.window_start,
                 window_seconds=w.window_seconds,
                 sequence=w.sequence,
-                items=[DigestItem(i.notification_id, i.severity, i.title, i.target_url) for i in unread],
-                shown=self._cfg.titles,
+                count=s.unread,
+                first=[
+                    DigestItem(n, t, u)
+                    for n, t, u in zip(s.notification_ids, s.titles, s.target_urls, strict=True)
+                ],
+                critical=s.critical,
                 inbox_path=self._cfg.inbox_path,
                 policy=self._settings.policy,
             )
-            out.append(store.Closed(w, "sent", record, [i.delivery_id for i in unread], read))
+            out.append(store.Closed(w, "sent", record, s.unread, s.left_out))
         return out
 
     def _encode(self, record: dict[str, Any], channel: str, user_id: str) -> OutRecord:
@@ -323,11 +336,19 @@ class DigestHandler:
         )
 
     def relay(self) -> int:
-        """Publish sent digests whose records were never acknowledged (a crash in between)."""
+        """Publish sent digests whose records were never acknowledged, and settle the items of
+        windows closed by a tick that died before settling them (a crash in between)."""
+        after = self._settings.outbox_relay_after_s
+        while True:
+            with self._close_db.transaction() as cur:
+                ids = store.unsettled(cur, after, PAGE)
+                store.settle(cur, ids)
+            if len(ids) < PAGE:
+                break
         total = 0
         while True:
             with self._close_db.transaction() as cur:
-                rows = store.stranded(cur, self._settings.outbox_relay_after_s, RELAY_PAGE)
+                rows = store.stranded(cur, after, RELAY_PAGE)
                 if rows:
                     self._publisher.publish([self._encode(r, ch, u) for r, ch, u in rows])
                     mark_published(cur, [uuid.UUID(str(r["delivery_id"])) for r, _, _ in rows])
@@ -349,7 +370,7 @@ class DigestHandler:
             m.close_lag.observe(lag)
             t.close_lags.append(lag)
             if c.status == "sent":
-                m.items_per_digest.labels(c.window.channel).observe(len(c.digested))
+                m.items_per_digest.labels(c.window.channel).observe(c.unread)
                 t.sent += 1
             else:
                 t.suppressed += 1

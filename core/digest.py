@@ -30,7 +30,6 @@ def digest_id(user_id: str, channel: str, batch_key: str, window_start: datetime
 @dataclass(frozen=True, slots=True)
 class DigestItem:
     notification_id: uuid.UUID | None
-    severity: str
     title: str
     target_url: str | None
 
@@ -54,24 +53,26 @@ def digest_record(
     window_start: datetime,
     window_seconds: int,
     sequence: int,
-    items: Sequence[DigestItem],
-    shown: int,
+    count: int,
+    first: Sequence[DigestItem],
+    critical: bool,
     inbox_path: str,
     policy: PolicySettings,
 ) -> dict[str, Any]:
     """The record of a digest on ``<prefix>.deliveries.<channel>``.
 
     It has the fields of a single delivery (a channel consumer reads it the same way), plus
-    the window, the item count and the first ``shown`` items. Every text field is redacted,
-    then truncated, as for single deliveries; nothing of a notification's body or data.
+    the window, the item ``count`` and its ``first`` items (oldest first). Nothing of a
+    notification's body or data. The items' titles and links come from their digest entries,
+    which ingest redacted and truncated already; the text made here from them is redacted
+    and truncated again, as every text field of a single delivery is.
     """
 
     def clean(text: str | None, field: str) -> Any:
         return redact_then_truncate(text, policy.redactions, TEXT_LIMITS[field])
 
-    first = items[:shown]
-    more = len(items) - len(first)
-    titles = [clean(i.title, "title") for i in first]
+    more = count - len(first)
+    titles = [i.title for i in first]
     key = clean(batch_key, "batch_key") or ""
     return {
         "delivery_id": str(delivery_id),
@@ -80,10 +81,10 @@ def digest_record(
         "channel": channel,
         "route": DIGEST,
         "reason": None,
-        "severity": "critical" if any(i.severity == "critical" for i in items) else "warning",
+        "severity": "critical" if critical else "warning",
         "type": "digest",
         "category": None,
-        "title": clean(title(len(items), key), "title"),
+        "title": clean(title(count, key), "title"),
         "summary": redact_then_truncate(summary(titles, more), policy.redactions, policy.summary_chars),
         "target_url": clean(inbox_path, "target_url"),
         "batch_key": key or None,
@@ -92,12 +93,12 @@ def digest_record(
         "window_seconds": window_seconds,
         "window_end": (window_start + timedelta(seconds=window_seconds)).isoformat(),
         "sequence": sequence,
-        "count": len(items),
+        "count": count,
         "items": [
             {
                 "notification_id": None if i.notification_id is None else str(i.notification_id),
                 "title": t,
-                "target_url": clean(i.target_url, "target_url"),
+                "target_url": i.target_url,
             }
             for i, t in zip(first, titles, strict=True)
         ],

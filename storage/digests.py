@@ -76,20 +76,34 @@ LIMIT %s
 FOR UPDATE SKIP LOCKED
 """
 
-# Left out of a digest: items read in the app before the close, and items whose
-# notification is gone (purged, a user forgotten).
-_ITEMS_SQL = """
-SELECT i.window_id, i.delivery_id, i.notification_id, i.severity, i.title, i.target_url,
-       (n.id IS NULL OR n.read_at IS NOT NULL) AS read
-FROM digest_items i LEFT JOIN notifications n ON n.id = i.notification_id
-WHERE i.window_id = ANY(%b)
-ORDER BY i.window_id, i.occurred_at, i.delivery_id
+# Per window, in one statement (one snapshot of read_at): the items left out (read in the app
+# before the close, or their notification gone), the unread count, and the first
+# ``shown`` unread items, oldest first (event time).
+_SUMMARY_SQL = """
+SELECT i.window_id,
+       count(*) FILTER (WHERE NOT r.read),
+       bool_or(i.severity = 'critical') FILTER (WHERE NOT r.read),
+       (array_agg(i.notification_id ORDER BY i.occurred_at, i.delivery_id)
+            FILTER (WHERE NOT r.read))[1:%(shown)s],
+       (array_agg(i.title ORDER BY i.occurred_at, i.delivery_id)
+            FILTER (WHERE NOT r.read))[1:%(shown)s],
+       (array_agg(i.target_url ORDER BY i.occurred_at, i.delivery_id)
+            FILTER (WHERE NOT r.read))[1:%(shown)s],
+       coalesce(array_agg(i.delivery_id) FILTER (WHERE r.read), '{}')
+FROM digest_items i
+LEFT JOIN notifications n ON n.id = i.notification_id
+CROSS JOIN LATERAL (SELECT n.id IS NULL OR n.read_at IS NOT NULL AS read) r
+WHERE i.window_id = ANY(%(ids)b)
+GROUP BY i.window_id
 """
 
 _CLOSE_SQL = """
 UPDATE digest_windows w
-SET status = c.status, digest = c.digest, closed_at = clock_timestamp(), updated_at = now()
-FROM (SELECT * FROM unnest(%b::uuid[], %b::text[], %b::jsonb[]) AS t(id, status, digest) ORDER BY 1) AS c
+SET status = c.status, digest = c.digest, left_out = c.left_out, closed_at = clock_timestamp(),
+    updated_at = now()
+FROM (SELECT t.id, t.status, t.digest, string_to_array(t.left_out, ',')::uuid[] AS left_out
+      FROM unnest(%b::uuid[], %b::text[], %b::jsonb[], %b::text[]) AS t(id, status, digest, left_out)
+      ORDER BY 1) AS c
 WHERE w.id = c.id
 """
 
@@ -101,11 +115,30 @@ ORDER BY 1
 ON CONFLICT (id) DO NOTHING
 """
 
-# Only rows still queued: a row another path already settled keeps its status.
-_ITEM_STATUS_SQL = """
-UPDATE deliveries d SET status = x.status, updated_at = now()
-FROM (SELECT * FROM unnest(%b::uuid[], %b::text[]) AS t(id, status) ORDER BY 1) AS x
-WHERE d.id = x.id AND d.status = 'queued'
+# The items' delivery rows take their window's outcome. Only rows still queued: a row another
+# path already settled keeps its status. Locked in id order, as ingest's mark step does.
+_SETTLE_SQL = """
+WITH x AS (
+    SELECT d.id, CASE WHEN w.status = 'suppressed' OR d.id = ANY(w.left_out)
+                      THEN 'suppressed' ELSE 'digested' END AS status
+    FROM digest_windows w
+    JOIN digest_items i ON i.window_id = w.id
+    JOIN deliveries d ON d.id = i.delivery_id
+    WHERE w.id = ANY(%b) AND d.status = 'queued'
+    ORDER BY d.id
+    FOR UPDATE OF d
+)
+UPDATE deliveries d SET status = x.status, updated_at = now() FROM x WHERE d.id = x.id
+"""
+
+_SETTLED_SQL = "UPDATE digest_windows SET settled_at = now() WHERE id = ANY(%b) AND settled_at IS NULL"
+
+# Windows closed by a tick that died before settling their items.
+_UNSETTLED_SQL = """
+SELECT id FROM digest_windows
+WHERE status <> 'open' AND settled_at IS NULL AND closed_at < now() - make_interval(secs => %s)
+ORDER BY closed_at LIMIT %s
+FOR UPDATE SKIP LOCKED
 """
 
 # Digests committed but not acknowledged by the broker (a crash between the two).
@@ -168,13 +201,15 @@ class DueWindow:
 
 
 @dataclass(frozen=True, slots=True)
-class ClosingItem:
-    delivery_id: uuid.UUID
-    notification_id: uuid.UUID | None
-    severity: str
-    title: str
-    target_url: str | None
-    read: bool
+class Summary:
+    """A closing window's items: how many unread, the first few of them, the ones left out."""
+
+    unread: int
+    critical: bool
+    notification_ids: Sequence[uuid.UUID | None]
+    titles: Sequence[str]
+    target_urls: Sequence[str | None]
+    left_out: Sequence[uuid.UUID]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +219,8 @@ class Closed:
     window: DueWindow
     status: str
     record: dict[str, Any] | None
-    digested: Sequence[uuid.UUID]
-    suppressed: Sequence[uuid.UUID]
+    unread: int
+    left_out: Sequence[uuid.UUID]
 
 
 def latest(cur: Cursor, keys: Sequence[WindowKey]) -> dict[WindowKey, Latest]:
@@ -255,19 +290,19 @@ def claim_due(cur: Cursor, limit: int) -> list[DueWindow]:
     return [DueWindow(*r) for r in cur.fetchall()]
 
 
-def items_of(cur: Cursor, window_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[ClosingItem]]:
-    """Each window's items, oldest first (event time), with whether the user read them."""
-    out: dict[uuid.UUID, list[ClosingItem]] = {w: [] for w in window_ids}
+def summaries(cur: Cursor, window_ids: Sequence[uuid.UUID], shown: int) -> dict[uuid.UUID, Summary]:
+    """Each window's unread count, first ``shown`` unread items, and the items left out."""
+    out: dict[uuid.UUID, Summary] = {}
     if not window_ids:
         return out
-    cur.execute(_ITEMS_SQL, (list(window_ids),))
-    for window_id, *rest in cur.fetchall():
-        out[window_id].append(ClosingItem(*rest))
+    cur.execute(_SUMMARY_SQL, {"ids": list(window_ids), "shown": shown})
+    for wid, unread, critical, nids, titles, urls, left_out in cur.fetchall():
+        out[wid] = Summary(unread, bool(critical), nids or [], titles or [], urls or [], left_out)
     return out
 
 
 def close(cur: Cursor, closed: Sequence[Closed]) -> None:
-    """Record the outcome of each window, the digest delivery rows, and the items' statuses."""
+    """Record the outcome of each window, and the digest delivery rows of those sent."""
     if not closed:
         return
     cur.execute(
@@ -276,6 +311,7 @@ def close(cur: Cursor, closed: Sequence[Closed]) -> None:
             [c.window.id for c in closed],
             [c.status for c in closed],
             [None if c.record is None else json.dumps(c.record) for c in closed],
+            [",".join(str(i) for i in c.left_out) for c in closed],
         ),
     )
     sent = [c.window for c in closed if c.status == "sent"]
@@ -290,11 +326,18 @@ def close(cur: Cursor, closed: Sequence[Closed]) -> None:
                 [w.window_seconds for w in sent],
             ),
         )
-    ids = [i for c in closed for i in c.digested] + [i for c in closed for i in c.suppressed]
-    statuses = ["digested"] * sum(len(c.digested) for c in closed)
-    statuses += ["suppressed"] * sum(len(c.suppressed) for c in closed)
-    if ids:
-        cur.execute(_ITEM_STATUS_SQL, (ids, statuses))
+
+
+def settle(cur: Cursor, window_ids: Sequence[uuid.UUID]) -> None:
+    """The items of closed windows become ``digested`` or ``suppressed``."""
+    if window_ids:
+        cur.execute(_SETTLE_SQL, (list(window_ids),))
+        cur.execute(_SETTLED_SQL, (list(window_ids),))
+
+
+def unsettled(cur: Cursor, older_than_s: float, limit: int) -> list[uuid.UUID]:
+    cur.execute(_UNSETTLED_SQL, (older_than_s, limit))
+    return [r[0] for r in cur.fetchall()]
 
 
 def stranded(cur: Cursor, older_than_s: float, limit: int) -> list[tuple[dict[str, Any], str, str]]:

@@ -151,6 +151,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "co
 def windows(db: Conn) -> list[dict[str, Any]]:
     cur = db.execute(
         "SELECT id, user_id, batch_key, window_start, sequence, status, item_count, closes_at, closed_at,"
+        " settled_at,"
         " window_start + make_interval(secs => window_seconds) AS window_end"
         " FROM digest_windows ORDER BY user_id, batch_key, window_start, sequence"
     )
@@ -161,7 +162,7 @@ def windows(db: Conn) -> list[dict[str, Any]]:
 def all_closed(db: Conn, expected: int) -> Callable[[], bool]:
     def check() -> bool:
         ws = windows(db)
-        return len(ws) == expected and all(w["status"] != "open" for w in ws)
+        return len(ws) == expected and all(w["status"] != "open" and w["settled_at"] for w in ws)
 
     return check
 

@@ -25,6 +25,7 @@ import gc
 import io
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -55,11 +56,11 @@ from storage.migrate import migrate
 
 SESSION_TIMEOUT_MS = 10_000
 DEFAULT_GRACE_S = 2.0
-TICK_S = 0.25
+TICK_S = 0.1
 CHANNEL = "webhook"
 # Expected pace while the window is chosen: items/s in, and a margin for produce and join.
-PLANNING_RATE = 10_000
-PLANNING_MARGIN_S = 25.0
+PLANNING_RATE = 7_000
+PLANNING_MARGIN_S = 8.0
 
 
 @dataclass
@@ -80,10 +81,13 @@ def run_digest_bench(
     run_id = uuid.uuid4().hex[:10]
     with backends(settings) as (base, where):
         grace = grace_s if grace_s is not None else DEFAULT_GRACE_S
+        user_session = (
+            "session_timeout_ms" in base.model_fields_set or "HERALD_SESSION_TIMEOUT_MS" in os.environ
+        )
         bench = base.model_copy(
             update={
                 "topic_prefix": f"bench{run_id}",
-                "session_timeout_ms": SESSION_TIMEOUT_MS,
+                "session_timeout_ms": base.session_timeout_ms if user_session else SESSION_TIMEOUT_MS,
                 "metrics_port": -1,
                 "digest": base.digest.model_copy(
                     update={

@@ -31,12 +31,18 @@ CREATE TABLE digest_windows (
     -- The digest record as published (redacted): the relay publishes it again, unchanged,
     -- when a crash fell between the commit and the broker's acknowledgement.
     digest         jsonb,
+    -- Items left out of the digest (read before the close, or their notification gone).
+    left_out       uuid[]      NOT NULL DEFAULT '{}',
+    -- When the items' delivery rows took the window's outcome (digested / suppressed): right
+    -- after the tick's digests went out; a crash in between leaves it to the next tick.
+    settled_at     timestamptz,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT digest_windows_key UNIQUE (user_id, channel, batch_key, window_start, sequence)
 );
 -- The tick's question: which open windows are due?
 CREATE INDEX digest_windows_due ON digest_windows (closes_at) WHERE status = 'open';
+CREATE INDEX digest_windows_unsettled ON digest_windows (closed_at) WHERE status <> 'open' AND settled_at IS NULL;
 
 -- One row per digest item, unique per delivery id: a replayed item is a duplicate here.
 -- Title and link are the record's (already redacted); the rest stays in notifications.
