@@ -45,6 +45,7 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/herald bench ingest
 	$(BIN)/herald bench receiver
+	$(BIN)/herald bench digest
 
 clean:
 	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache .hypothesis
