@@ -88,6 +88,7 @@ class Pending:
 class Batch:
     items: list[Pending]
     unreadable: int = 0
+    repeated: int = 0  # the same delivery id twice in the batch
 
 
 @dataclass
@@ -215,7 +216,9 @@ class DigestHandler:
                 )
                 batch.unreadable += 1
                 continue
-            if item.delivery_id not in seen:
+            if item.delivery_id in seen:
+                batch.repeated += 1
+            else:
                 seen.add(item.delivery_id)
                 batch.items.append(item)
         return batch
@@ -240,7 +243,7 @@ class DigestHandler:
             inserted = store.insert_items(cur, rows)
             if len(inserted) < len(rows):
                 raise WindowContention("another digest process added the same items meanwhile")
-        dup = len(items) - len(new) + (len(batch.items) - len(items))
+        dup = len(items) - len(new) + batch.repeated
         self._metrics.items.labels("added").inc(len(new))
         self._metrics.items.labels("duplicate").inc(dup)
         t = self.totals

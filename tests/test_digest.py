@@ -239,6 +239,11 @@ def test_users_and_batch_keys_stay_apart(db: Conn, pipeline_for: Callable[..., P
     got = {(w["user_id"], w["batch_key"]): w["item_count"] for w in windows(db)}
     assert got == {("ann", "build"): 3, ("ann", "deploy"): 2, ("bob", "build"): 4, ("bob", ""): 1}
     wait_until(lambda: len(digests_on_topic(p.settings)) == 4, timeout=10, what="four digests")
+    # The window is fixed at ingest, on every item's delivery row.
+    fixed = db.execute(
+        "SELECT DISTINCT window_start, window_seconds FROM deliveries WHERE notification_id IS NOT NULL"
+    ).fetchall()
+    assert fixed == [(start, WINDOW_S)]
     counts = {(d["user_id"], d["batch_key"]): d["count"] for d in digests_on_topic(p.settings)}
     assert counts == {("ann", "build"): 3, ("ann", "deploy"): 2, ("bob", "build"): 4, ("bob", None): 1}
 

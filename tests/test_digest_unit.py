@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -163,3 +164,35 @@ def test_the_window_is_fixed_at_ingest_on_the_digest_entry() -> None:
     quick = Preferences.defaults(PolicySettings(webhook=True, digest_seconds=2))
     assert quick.merged({"digest_minutes": 10}).window_seconds == 2
     assert Preferences.defaults(PolicySettings(digest_minutes=0)).window_seconds == 300
+
+
+def test_a_republished_digest_entry_keeps_the_window_of_its_row() -> None:
+    """The outbox publishes rows again from PostgreSQL: the window comes from the row, not from
+    preferences read again (a user who changed digest_minutes meanwhile forms no other window)."""
+    from config.settings import Settings
+    from consumers.outbox import stored_record
+    from producers.topics import Topics
+    from storage.notifications import UnpublishedDelivery
+
+    row = UnpublishedDelivery(
+        id=uuid.uuid4(),
+        notification_id=uuid.uuid4(),
+        user_id="u",
+        channel="webhook",
+        route=DIGEST,
+        reason="warning",
+        severity="warning",
+        type="job.failed",
+        category=None,
+        title="t",
+        summary=None,
+        target_url=None,
+        batch_key=None,
+        occurred_at=T0 + timedelta(seconds=42),
+        window_start=T0,
+        window_seconds=600,
+    )
+    rec = stored_record(row, Topics("p"), Settings(policy={"digest_seconds": 5}))
+    assert rec.topic == "p.digests.pending"
+    payload = json.loads(rec.value or b"")
+    assert (payload["window_start"], payload["window_seconds"]) == (T0.isoformat(), 600)
