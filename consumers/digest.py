@@ -55,6 +55,9 @@ from storage.notifications import mark_published
 log = logging.getLogger(__name__)
 
 PAGE = 2000  # windows closed per transaction
+# Pages per tick: a backlog of due windows (after an outage) must not keep the loop from
+# polling past max.poll.interval.ms; the next tick goes on.
+MAX_PAGES = 10
 RELAY_PAGE = 1000
 OPEN_GAUGE_EVERY_S = 5.0
 
@@ -294,7 +297,7 @@ class DigestHandler:
             self._account(closed, time.perf_counter() - started)
             done += [c.window.id for c in closed]
             total += len(closed)
-            if len(due) < PAGE:
+            if len(due) < PAGE or len(done) >= MAX_PAGES * PAGE:
                 break
         for lo in range(0, len(done), PAGE):
             with self._close_db.transaction() as cur:

@@ -335,3 +335,27 @@ def _last_offsets(settings: Settings) -> dict[tuple[str, int], int]:
     for r in read_topic(settings, Topics(settings.topic_prefix).digests_pending):
         last[(r.topic, r.partition)] = max(r.offset, last.get((r.topic, r.partition), -1))
     return last
+
+
+def test_two_digest_processes_in_one_group_split_the_work(
+    db: Conn, pipeline_for: Callable[..., Pipeline]
+) -> None:
+    p = pipeline_for()
+    second = start_digest(p.settings, group=p.digest.group)
+    try:
+        wait_group_stable(p.settings, p.digest.group, 30)
+        time.sleep(p.settings.session_timeout_ms / 1000)  # the rebalance that gives it partitions
+        start = current_window()
+        users = [f"split-{i}" for i in range(6)]
+        produce(p.settings, [e for u in users for e in warnings(u, 10, start)])
+        wait_until(all_closed(db, 6), timeout=30, what="six windows closed")
+        wait_until(lambda: len(digests_on_topic(p.settings)) >= 6, timeout=10, what="six digests")
+    finally:
+        other = second.stop()
+    first = p.digest.stop()
+    assert {(w["user_id"], w["item_count"], w["sequence"]) for w in windows(db)} == {
+        (u, 10, 0) for u in users
+    }
+    assert sorted(d["user_id"] for d in digests_on_topic(p.settings)) == users
+    assert first.handler.totals.added + other.handler.totals.added == 60
+    assert first.handler.totals.sent + other.handler.totals.sent == 6
