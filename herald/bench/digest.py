@@ -58,9 +58,10 @@ SESSION_TIMEOUT_MS = 10_000
 DEFAULT_GRACE_S = 2.0
 TICK_S = 0.1
 CHANNEL = "webhook"
-# Expected pace while the window is chosen: items/s in, and a margin for produce and join.
+# Expected pace while the window is chosen: items/s in, and a margin for produce and the
+# group join (about half the session timeout on the embedded broker).
 PLANNING_RATE = 7_000
-PLANNING_MARGIN_S = 8.0
+PLANNING_MARGIN_S = 3.0
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _run(settings: Settings, run_id: str, *, items: int, users: int, window_s: i
     say(f"machine: {machine['cores']} cores, {machine['platform']}, Python {machine['python']}")
     say("postgres: " + ", ".join(f"{k}={v}" for k, v in durability.items()))
 
-    lead = PLANNING_MARGIN_S + items / PLANNING_RATE
+    lead = PLANNING_MARGIN_S + settings.session_timeout_ms / 2000 + items / PLANNING_RATE
     work = generate(run_id, items, users, window_s, datetime.now(UTC) + timedelta(seconds=lead), settings)
     closes = work.window_start + timedelta(seconds=window_s + settings.digest.grace_s)
     with connect(url) as conn:
