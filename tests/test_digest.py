@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,11 +21,14 @@ import psycopg
 import pytest
 
 from config.settings import Settings
+from consumers.digest import Batch, DigestHandler, Pending
 from consumers.loop import Stopper
+from core.errors import BrokerUnavailable
 from core.policy import align_window
 from herald.inspect import read_topic, wait_committed, wait_group_stable
 from herald.processes import DigestRun, run_digest
-from producers.topics import Topics
+from producers.publisher import KafkaPublisher, OutRecord, Position
+from producers.topics import Topics, ensure_topics
 from storage.db import Database
 from storage.preferences import add_endpoint
 from tests.conftest import Backend
@@ -359,3 +362,73 @@ def test_two_digest_processes_in_one_group_split_the_work(
     assert sorted(d["user_id"] for d in digests_on_topic(p.settings)) == users
     assert first.handler.totals.added + other.handler.totals.added == 60
     assert first.handler.totals.sent + other.handler.totals.sent == 6
+
+
+class _BrokerAway:
+    """A publisher whose broker never acknowledges: the crash between commit and publish."""
+
+    def publish(self, records: Sequence[OutRecord]) -> list[Position]:
+        raise BrokerUnavailable("no ack (test)")
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_digest_committed_but_never_acknowledged_is_published_again_unchanged(
+    db: Conn, backend: Backend
+) -> None:
+    s = digest_settings(backend, grace_s=0.0)
+    s = s.model_copy(update={"outbox_relay_after_s": 0.1})
+    topics = Topics(s.topic_prefix)
+    ensure_topics(s, [topics.digests_pending, topics.deliveries("webhook")])
+    start = current_window() - timedelta(seconds=60)  # long past: due at once
+    items = [
+        Pending(
+            uuid.uuid4(),
+            uuid.uuid4(),
+            "lost",
+            "webhook",
+            "",
+            start,
+            WINDOW_S,
+            "warning",
+            f"t{i}",
+            None,
+            start,
+        )
+        for i in range(3)
+    ]
+    for i in items:
+        db.execute(
+            "INSERT INTO notifications (id, user_id, source, type, severity, title, idempotency_key,"
+            " occurred_at) VALUES (%s, 'lost', 'test', 'job.failed', 'warning', %s, %s, %s)",
+            (i.notification_id, i.title, f"k:{i.delivery_id}", start),
+        )
+    d1, d2 = Database.from_settings(s), Database.from_settings(s)
+    try:
+        crashed = DigestHandler(s, d1, d2, _BrokerAway(), topics)
+        crashed.apply(Batch(items))
+        with pytest.raises(BrokerUnavailable):
+            crashed.close_due()
+        (w,) = windows(db)
+        assert w["status"] == "sent" and w["settled_at"] is None
+        row = db.execute("SELECT published_at FROM deliveries WHERE id = %s", (w["id"],)).fetchone()
+        assert row == (None,)
+        stored = db.execute("SELECT digest FROM digest_windows WHERE id = %s", (w["id"],)).fetchone()
+        time.sleep(0.2)
+        publisher = KafkaPublisher(s)
+        try:
+            again = DigestHandler(s, d1, d2, publisher, topics)
+            assert again.close_due() == 0, "a sent window is never closed twice"
+            assert again.relay() == 1
+        finally:
+            publisher.close()
+    finally:
+        d1.close()
+        d2.close()
+    (d,) = digests_on_topic(s)
+    assert stored is not None and d == stored[0] and d["count"] == 3
+    (w,) = windows(db)
+    assert w["settled_at"] is not None
+    row = db.execute("SELECT published_at IS NOT NULL FROM deliveries WHERE id = %s", (w["id"],)).fetchone()
+    assert row == (True,)
