@@ -310,10 +310,16 @@ def wait_digests(settings: Settings, run: str, timeout: float) -> list[tuple[str
 def print_digests(rows: list[tuple[str, str, str, str, int]], run: str) -> None:
     status = Counter(r[3] for r in rows)
     storm = [r for r in rows if r[0] == f"bob-{run}" and r[1] == "webhook" and r[2] == "alert:disk-db-1"]
+    sent = [r for r in storm if r[3] == "sent"]
+    still = (
+        " (its window is still open: HERALD_POLICY__DIGEST_SECONDS shortens it)"
+        if len(sent) < len(storm)
+        else ""
+    )
     lines = [
         f"digest windows           {len(rows)}  ({_counts(status)}; one per user, channel and batch key)",
-        f"the disk-alert storm     {sum(r[4] for r in storm)} warnings -> {len(storm)} webhook digest"
-        f"{'' if len(storm) == 1 else 's'} for bob",
+        f"the disk-alert storm     {sum(r[4] for r in storm)} warnings -> {len(sent)} webhook digest"
+        f"{'' if len(sent) == 1 else 's'} for bob{still}",
     ]
     print("\n".join(f"  {line}" for line in lines), flush=True)
 
