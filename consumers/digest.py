@@ -17,15 +17,19 @@ Per batch (``apply``), in ONE PostgreSQL transaction, in this order:
 Closing (``tick``, every ``HERALD_DIGEST__TICK_S``, records or not), page by page:
 
 1. in one transaction: lock due windows (``closes_at`` passed: end + grace, or full) with
-   ``SKIP LOCKED``, so several digest processes split them; leave out items the user read;
-   record each window ``sent`` (its digest delivery row, ``queued``, and the record) or
-   ``suppressed`` (every item read), and its items ``digested`` or ``suppressed``; commit;
+   ``SKIP LOCKED``, so several digest processes split them; leave out items the user read
+   (one aggregate statement: one snapshot of ``read_at``); record each window ``sent`` (its
+   digest delivery row, ``queued``, and the record) or ``suppressed`` (every item read),
+   with the items it left out; commit;
 2. publish the digests to ``<prefix>.deliveries.<channel>`` and wait for the acks;
-3. mark the digest rows published.
+3. mark the digest rows published;
+4. once every due page is out: settle the items' delivery rows, ``digested`` or
+   ``suppressed`` (one row per item: the slow part, kept off the digests' path).
 
 A crash between 1 and 3 leaves a sent window whose row is unpublished: the relay (on the
 tick, after ``outbox_relay_after_s``) publishes its stored record again, the same bytes.
 A record published twice is harmless: channel consumers never send a delivery id twice.
+A crash before 4 leaves the window unsettled: the relay settles it.
 """
 
 from __future__ import annotations

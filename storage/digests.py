@@ -4,10 +4,11 @@ One round trip per statement, never per item; arrays travel as binary parameters
 are fed in a stable order (``ORDER BY`` the conflict key), so processes that meet the
 same windows queue behind each other instead of deadlocking.
 
-A window row is locked by whoever changes it: the batch that adds items (its upsert)
-or the tick that closes it (``FOR UPDATE SKIP LOCKED``: a window being filled waits
-for the next tick). An upsert that meets a window closed meanwhile changes nothing and
-says so (``add_to_windows`` returns fewer ids), and the batch is retried.
+A window row is locked by whoever changes it: the batch that adds items (``latest``
+locks the windows of its keys) or the tick that closes it (``FOR UPDATE SKIP LOCKED``: a
+window being filled waits for the next tick). An upsert that meets a window closed
+meanwhile changes nothing and says so (``add_to_windows`` returns fewer ids), and the
+batch is retried.
 """
 
 from __future__ import annotations
