@@ -262,7 +262,8 @@ def test_a_quiet_user_still_gets_the_digest_after_window_plus_grace(
     assert w["status"] == "open"
     wait_until(all_closed(db, 1), timeout=20, what="the quiet window closed by time alone")
     (w,) = windows(db)
-    assert w["status"] == "sent" and due <= w["closed_at"] < due + timedelta(seconds=2)
+    # Not before end + grace; soon after (the tick, unless the loop's lag report held it).
+    assert w["status"] == "sent" and due <= w["closed_at"] < due + timedelta(seconds=5)
     wait_until(lambda: len(digests_on_topic(p.settings)) == 1, timeout=10, what="the digest")
 
 
