@@ -196,3 +196,41 @@ def test_a_republished_digest_entry_keeps_the_window_of_its_row() -> None:
     assert rec.topic == "p.digests.pending"
     payload = json.loads(rec.value or b"")
     assert (payload["window_start"], payload["window_seconds"]) == (T0.isoformat(), 600)
+
+
+class _Msg:
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def value(self) -> bytes:
+        return self._value
+
+
+def test_an_entry_without_a_window_gets_the_aligned_default_and_junk_is_refused() -> None:
+    from consumers.digest import parse
+
+    entry = {
+        "delivery_id": str(uuid.uuid4()),
+        "notification_id": str(uuid.uuid4()),
+        "user_id": "u",
+        "channel": "email",
+        "severity": "warning",
+        "title": "t",
+        "batch_key": None,
+        "occurred_at": "2026-01-01T12:07:31+00:00",
+    }
+    p = parse(_Msg(json.dumps(entry).encode()), 300)
+    assert (p.window_start, p.window_seconds, p.batch_key) == (
+        datetime(2026, 1, 1, 12, 5, tzinfo=UTC),
+        300,
+        "",
+    )
+    fixed = {**entry, "window_start": "2026-01-01T12:00:00+00:00", "window_seconds": 600}
+    p = parse(_Msg(json.dumps(fixed).encode()), 300)
+    assert (p.window_start, p.window_seconds) == (T0, 600)
+    for junk in (b"[]", b"not json", json.dumps({**entry, "delivery_id": "x"}).encode()):
+        try:
+            parse(_Msg(junk), 300)
+        except (ValueError, KeyError, TypeError):
+            continue
+        raise AssertionError(f"accepted {junk!r}")
