@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/herald bench ingest
 	$(BIN)/herald bench receiver
 	$(BIN)/herald bench deliver
+	$(BIN)/herald bench digest
 
 clean:
 	rm -rf $(VENV) .herald .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts

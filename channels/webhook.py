@@ -56,6 +56,34 @@ def notification_body(delivery: dict[str, Any], app_url: str | None) -> dict[str
     }
 
 
+def digest_body(delivery: dict[str, Any], app_url: str | None) -> dict[str, Any]:
+    """DESIGN.md's digest body, from a digest record (redacted by the digest process)."""
+    return {
+        "type": "digest",
+        "id": delivery["delivery_id"],
+        "user_id": delivery["user_id"],
+        "batch_key": delivery.get("batch_key"),
+        "count": delivery["count"],
+        "items": [
+            {
+                "notification_id": i.get("notification_id"),
+                "title": i.get("title"),
+                "url": absolute_url(i.get("target_url"), app_url),
+            }
+            for i in delivery["items"]
+        ],
+        "window_start": delivery["window_start"],
+        "window_end": delivery["window_end"],
+    }
+
+
+def webhook_body(delivery: dict[str, Any], app_url: str | None) -> dict[str, Any]:
+    """A digest record (it has ``items``) or a single delivery's."""
+    if delivery.get("type") == "digest" and "items" in delivery:
+        return digest_body(delivery, app_url)
+    return notification_body(delivery, app_url)
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """HTTP ``Retry-After``: delay-seconds or an HTTP date; None when absent or unreadable."""
     if not value:
@@ -119,7 +147,7 @@ class WebhookProvider:
     async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
         if not endpoint.secret:
             return SendResult("permanent", error="the endpoint has no signing secret: add it again")
-        body = json.dumps(notification_body(delivery, self._app_url), separators=(",", ":")).encode()
+        body = json.dumps(webhook_body(delivery, self._app_url), separators=(",", ":")).encode()
         msg_id = str(delivery["delivery_id"])
         headers = {"content-type": "application/json", **signed_headers(endpoint.secret, msg_id, body)}
         try:

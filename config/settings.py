@@ -176,6 +176,23 @@ class WebhookSettings(BaseModel):
     allow_private_targets: bool = False
 
 
+class DigestSettings(BaseModel):
+    """``herald digest``: when windows close, how large they grow, what a digest shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # A window closes this long after its end (processing time), so late items still join it.
+    grace_s: float = Field(default=30.0, ge=0)
+    # A window closes early at this many items; later items open its follow-up window.
+    max_items: int = Field(default=100, ge=1)
+    # Titles listed in a digest ("and M more" after them).
+    titles: int = Field(default=10, ge=1, le=100)
+    # How often the digest process looks for windows to close.
+    tick_s: float = Field(default=1.0, gt=0)
+    # The inbox in the product's web app (relative to HERALD_APP_URL): a digest's link.
+    inbox_path: str = "/notifications"
+
+
 class ApiSettings(BaseModel):
     """``herald api``: where it listens, how it checks bearer tokens, and its input limits."""
 
@@ -446,6 +463,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    digest: DigestSettings = Field(default_factory=DigestSettings)
     # The product's web app: the base of relative target_urls in external messages.
     app_url: str | None = None
 

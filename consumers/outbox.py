@@ -66,6 +66,8 @@ def stored_record(s: store.UnpublishedDelivery, topics: Topics, settings: Settin
         batch_key=s.batch_key,
         occurred_at=s.occurred_at,
         policy=settings.policy,
+        window_start=s.window_start,
+        window_seconds=s.window_seconds,
     )
     return encode(topics, s.route, s.channel, s.user_id, payload)
 

@@ -327,3 +327,53 @@ def receiver() -> ReceiverMetrics:
             "Records handed to the producer and not yet acknowledged by the broker.",
         ),
     )
+
+
+@dataclass(frozen=True)
+class DigestMetrics:
+    """``herald digest``'s own (label ``channel``)."""
+
+    items: Counter
+    open_windows: Gauge
+    items_per_digest: Histogram
+    digests: Counter
+    close_lag: Histogram
+    republished: Counter
+
+
+@cache
+def digest() -> DigestMetrics:
+    m = DigestMetrics(
+        items=Counter(
+            "herald_digest_items",
+            "Digest items read from herald.digests.pending, by outcome: added, duplicate (replayed).",
+            ["outcome"],
+        ),
+        open_windows=Gauge(
+            "herald_digest_open_windows",
+            "Digest windows still open (all processes: read from PostgreSQL on each tick).",
+        ),
+        items_per_digest=Histogram(
+            "herald_digest_items_per_digest",
+            "Items in each digest sent (read items left out).",
+            ["channel"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+        ),
+        digests=Counter(
+            "herald_digests",
+            "Windows closed, by outcome: sent (a digest delivery), suppressed (every item was read).",
+            ["channel", "outcome"],
+        ),
+        close_lag=Histogram(
+            "herald_digest_close_lag_seconds",
+            "How long after its closing time (end + grace, or reaching max items) a window closed.",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+        ),
+        republished=Counter(
+            "herald_digest_republished",
+            "Digest records published again by the relay (a crash fell between commit and publish).",
+        ),
+    )
+    for outcome in ("added", "duplicate"):
+        m.items.labels(outcome)
+    return m

@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from config.settings import CHANNELS, PolicySettings
@@ -25,6 +25,7 @@ REASON_RATE_LIMITED = "rate_limited"
 
 
 PREFERENCE_CHANNELS: tuple[str, ...] = ("in_app", *CHANNELS)
+DEFAULT_WINDOW_SECONDS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,8 @@ class Preferences:
     digest_minutes: int
     categories: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
     mandatory: frozenset[str] = frozenset()
+    # HERALD_POLICY__DIGEST_SECONDS (tests, demos): overrides digest_minutes; never stored.
+    digest_seconds: int | None = None
 
     @classmethod
     def defaults(cls, policy: PolicySettings) -> Preferences:
@@ -54,6 +57,7 @@ class Preferences:
             webhook=policy.webhook,
             digest_minutes=policy.digest_minutes,
             mandatory=policy.mandatory_categories,
+            digest_seconds=policy.digest_seconds,
         )
 
     def merged(self, stored: dict[str, Any]) -> Preferences:
@@ -69,6 +73,12 @@ class Preferences:
             "webhook": self.webhook,
             "digest_minutes": self.digest_minutes,
         }
+
+    @property
+    def window_seconds(self) -> int:
+        """The user's digest window length; with digests off (0 minutes) rate-limited sends
+        still fold into a window, of the default length."""
+        return self.digest_seconds or self.digest_minutes * 60 or DEFAULT_WINDOW_SECONDS
 
     def channel_on(self, channel: str, category: str | None = None) -> bool:
         """The channel switch, then the category's opt-out for that channel (unless mandatory)."""
@@ -99,9 +109,20 @@ class Decision:
     route: str
     reason: str | None
     delivery_id: uuid.UUID
+    # The user's digest window length, fixed at ingest (used when the route is the digest).
+    window_seconds: int = DEFAULT_WINDOW_SECONDS
 
     def to_digest(self, reason: str) -> Decision:
-        return Decision(self.notification, self.channel, DIGEST, reason, self.delivery_id)
+        return Decision(
+            self.notification, self.channel, DIGEST, reason, self.delivery_id, self.window_seconds
+        )
+
+    @property
+    def window_start(self) -> datetime | None:
+        """The digest window this delivery falls in (None when it goes out at once)."""
+        if self.route != DIGEST:
+            return None
+        return align_window(self.notification.occurred_at, self.window_seconds)
 
 
 def delivery_id(notification_id: uuid.UUID, channel: str) -> uuid.UUID:
@@ -119,10 +140,17 @@ def plan(notification: Notification, prefs: Preferences) -> list[Decision]:
             continue
         did = delivery_id(notification.id, channel)
         if notification.severity == "critical" or prefs.digest_minutes == 0:
-            out.append(Decision(notification, channel, IMMEDIATE, None, did))
+            out.append(Decision(notification, channel, IMMEDIATE, None, did, prefs.window_seconds))
         else:
-            out.append(Decision(notification, channel, DIGEST, REASON_WARNING, did))
+            out.append(Decision(notification, channel, DIGEST, REASON_WARNING, did, prefs.window_seconds))
     return out
+
+
+def align_window(ts: datetime, seconds: int) -> datetime:
+    """Tumbling windows aligned to multiples of their length since the epoch, in event time:
+    a replay forms exactly the same windows (DESIGN.md)."""
+    epoch = int(ts.timestamp() // seconds) * seconds
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def rate_window(ts: datetime) -> datetime:
@@ -190,12 +218,14 @@ def external_record(
     batch_key: str | None,
     occurred_at: datetime,
     policy: PolicySettings,
+    window_start: datetime | None = None,
+    window_seconds: int | None = None,
 ) -> dict[str, Any]:
     """What may leave the system: ids, channel, title, summary, link. Never body or data.
 
     Every text field is redacted, then truncated (``core/redaction.py`` says why that order).
     """
-    return {
+    record: dict[str, Any] = {
         "delivery_id": str(delivery_id),
         "notification_id": str(notification_id),
         "user_id": user_id,
@@ -211,6 +241,11 @@ def external_record(
         "batch_key": _clean(batch_key, "batch_key", policy),
         "occurred_at": occurred_at.isoformat(),
     }
+    if window_start is not None and window_seconds is not None:
+        # The digest window, fixed at ingest (a digest entry's only).
+        record["window_start"] = window_start.isoformat()
+        record["window_seconds"] = window_seconds
+    return record
 
 
 def _clean(text: str | None, field: str, policy: PolicySettings) -> Any:
@@ -235,4 +270,6 @@ def decision_record(decision: Decision, policy: PolicySettings) -> dict[str, Any
         batch_key=n.batch_key,
         occurred_at=n.occurred_at,
         policy=policy,
+        window_start=decision.window_start,
+        window_seconds=decision.window_seconds if decision.route == DIGEST else None,
     )

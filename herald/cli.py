@@ -68,6 +68,18 @@ def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_digest(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.loop import Stopper
+    from herald.processes import run_digest
+
+    stopper = Stopper()
+    stopper.install()
+    run_digest(
+        settings, group=args.group, stopper=stopper, max_messages=args.max_messages, timeout=args.timeout
+    )
+    return 0
+
+
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from herald.processes import run_api
 
@@ -241,6 +253,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             connections=args.connections,
             count_connections=args.count_connections,
         )
+    if args.bench_command == "digest":
+        from herald.bench.digest import run_digest_bench
+
+        return run_digest_bench(
+            settings, items=args.items, users=args.users, window_s=args.window_s, grace_s=args.grace_s
+        )
     if args.bench_command == "receiver":
         from herald.bench.receiver import run_receiver_bench
 
@@ -400,6 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_deliver)
 
     s = sub.add_parser(
+        "digest",
+        help="turn warnings into one digest per event-time window and user (herald.digests.pending)",
+        description="Reads <prefix>.digests.pending into windows per (user, channel, batch_key), "
+        "kept in PostgreSQL; closes each at its end plus HERALD_DIGEST__GRACE_S (or at "
+        "HERALD_DIGEST__MAX_ITEMS) and publishes one digest to <prefix>.deliveries.<channel>.",
+    )
+    s.add_argument("--group", default="herald-digest", help="consumer group (default herald-digest)")
+    s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
+    s.set_defaults(func=cmd_digest)
+
+    s = sub.add_parser(
         "api",
         help="serve the in-app HTTP API (inbox, preferences, unsubscribe) on HERALD_API__HOST:PORT",
         description="Serve the in-app HTTP API: /v1/notifications, /v1/preferences, /v1/unsubscribe, "
@@ -557,6 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="sends in flight (default: HERALD_DELIVERY__CONCURRENCY, 200)",
+    )
+    bg = bsub.add_parser(
+        "digest",
+        help="digest items per second into event-time windows, and the p99 close lag",
+        description="Bulk-loads the rows ingest would leave, produces their digest entries, runs "
+        "`herald digest` (in-process) until every item is committed and every window closed. "
+        "The last line is one JSON object.",
+    )
+    bg.add_argument("--items", type=int, default=200_000)
+    bg.add_argument("--users", type=int, default=5_000)
+    bg.add_argument("--window-s", type=int, default=10, metavar="S", help="window length (default 10)")
+    bg.add_argument(
+        "--grace-s", type=float, metavar="S", help="grace after a window's end (default 2; lag excludes it)"
     )
     s.set_defaults(func=cmd_bench)
     return p

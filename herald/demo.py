@@ -93,6 +93,9 @@ DEMO_SOURCE = "dev"
 PUSH_SUB = '{"endpoint":"https://push.example/abc","keys":{"p256dh":"BAbc","auth":"xyz"}}'
 
 
+STORM = 30
+
+
 def sample_events(run: str) -> list[dict[str, Any] | bytes]:
     """What a busy minute looks like: criticals, a flapping job, chatter, repeats, junk."""
     src = f"demo-{run}"
@@ -148,6 +151,18 @@ def sample_events(run: str) -> list[dict[str, Any] | bytes]:
     events.append(
         ev(type="security.login", title="New sign-in from Lisbon", user_id=dave, severity="critical")
     )
+    # A storm: a disk alert firing every few seconds for bob. One digest, not 30 webhooks.
+    events += [
+        ev(
+            type="alert.disk",
+            title=f"Disk 91% full on db-1 (check {i})",
+            user_id=bob,
+            severity="warning",
+            batch_key="alert:disk-db-1",
+            target_url="/alerts/disk-db-1",
+        )
+        for i in range(STORM)
+    ]
     events.append(b'{"id": "broken", "title": oops}')
     return events
 
@@ -228,9 +243,12 @@ def run_demo(settings: Settings, receiver_url: str | None = None) -> int:
         f"demo {run}: waiting for webhook deliveries (a retry tier is {settings.delivery.retry_tiers[0]}) ..."
     )
     webhooks = wait_webhooks(settings, run, timeout=90)
+    print(f"demo {run}: waiting for the digest windows to close (window end + grace) ...", flush=True)
+    digests = wait_digests(settings, run, timeout=90)
     print()
     report(settings, run, events, {o for _, _, o in positions})
     print_webhooks(webhooks, hooks)
+    print_digests(digests, run)
     print(
         '\n  look: psql "$HERALD_DATABASE_URL" -c '  # noqa: S608 (a hint printed for the operator)
         f"\"SELECT user_id, severity, title, hidden FROM notifications WHERE source = 'demo-{run}'\"\n"
@@ -263,6 +281,47 @@ def wait_webhooks(settings: Settings, run: str, timeout: float) -> list[tuple[st
         if rows and all(status in FINAL for status, _, _ in rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
+
+
+def _digest_rows(settings: Settings, run: str) -> list[tuple[str, str, str, str, int]]:
+    db = Database.from_settings(settings)
+    try:
+        with db.transaction() as cur:
+            cur.execute(
+                "SELECT user_id, channel, batch_key, status, item_count FROM digest_windows"
+                " WHERE user_id LIKE %s ORDER BY user_id, channel, batch_key, sequence",
+                (f"%-{run}",),
+            )
+            return [(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(str(r[4]))) for r in cur.fetchall()]
+    finally:
+        db.close()
+
+
+def wait_digests(settings: Settings, run: str, timeout: float) -> list[tuple[str, str, str, str, int]]:
+    """Until every digest window of this run closed (or ``timeout``: then as they stand)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _digest_rows(settings, run)
+        if rows and all(r[3] != "open" for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def print_digests(rows: list[tuple[str, str, str, str, int]], run: str) -> None:
+    status = Counter(r[3] for r in rows)
+    storm = [r for r in rows if r[0] == f"bob-{run}" and r[1] == "webhook" and r[2] == "alert:disk-db-1"]
+    sent = [r for r in storm if r[3] == "sent"]
+    still = (
+        " (its window is still open: HERALD_POLICY__DIGEST_SECONDS shortens it)"
+        if len(sent) < len(storm)
+        else ""
+    )
+    lines = [
+        f"digest windows           {len(rows)}  ({_counts(status)}; one per user, channel and batch key)",
+        f"the disk-alert storm     {sum(r[4] for r in storm)} warnings -> {len(sent)} webhook digest"
+        f"{'' if len(sent) == 1 else 's'} for bob{still}",
+    ]
+    print("\n".join(f"  {line}" for line in lines), flush=True)
 
 
 def _counts(counter: Counter[str]) -> str:

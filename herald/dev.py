@@ -1,7 +1,8 @@
 """``herald dev``: the whole pipeline on an embedded broker and PostgreSQL.
 
 Start-up order: PostgreSQL, broker, migrations, topics, the herald processes (ingest,
-one deliverer per channel, the API, and the webhook receiver on a free port); only when
+one deliverer per channel, the digest process, the API, and the webhook receiver on a
+free port; ``--demo`` gives digests 10 s windows unless set); only when
 all of them are ready is ``.herald/dev.env`` written. With no receiver source configured,
 the receiver gets a ``dev`` source (standard-webhooks) with a secret generated for this
 run, written to dev.env so that ``herald produce --to-receiver "$HERALD_RECEIVER_URL"
@@ -31,7 +32,7 @@ from consumers.loop import Stopper
 from core.webhooks import new_secret
 from herald.embedded import EmbeddedStack, free_port
 from herald.inspect import wait_group_stable
-from herald.processes import INGEST_GROUP, PROVIDERS, deliver_group, herald_command
+from herald.processes import DIGEST_GROUP, INGEST_GROUP, PROVIDERS, deliver_group, herald_command
 from producers.topics import Topics, ensure_topics
 from storage.migrate import migrate
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 DEV_SOURCE = "dev"
 # Whose inbox the printed notification center URL opens.
 DEV_USER = "dev-user"
+# The demo's digest windows: short enough that its report shows the digests it caused.
+DEMO_DIGEST = {"HERALD_POLICY__DIGEST_SECONDS": "10", "HERALD_DIGEST__GRACE_S": "2"}
 
 
 class Child:
@@ -201,6 +204,8 @@ def run_dev(
         logdir.mkdir(exist_ok=True)
         dev = with_api(dev, free_port())
         child_env = child_environment(os.environ, dev, config_file)
+        if demo:
+            child_env = {**DEMO_DIGEST, **child_env}  # unless the caller set them
         children: list[Child] = []
         receiver_url: str | None = None
         if processes:
@@ -212,6 +217,7 @@ def run_dev(
             children += [
                 Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS
             ]
+            children.append(Child("digest", ["digest"], child_env, logdir))
             receiver_port = free_port()
             receiver_url = f"http://127.0.0.1:{receiver_port}"
             receiver_env = {
@@ -232,7 +238,7 @@ def run_dev(
         if processes:
             _wait_answering(f"{api_url(dev)}/healthz", children[-1])
             # Ready means consuming: every group has joined and owns its partitions.
-            for group in (INGEST_GROUP, *map(deliver_group, PROVIDERS)):
+            for group in (INGEST_GROUP, *map(deliver_group, PROVIDERS), DIGEST_GROUP):
                 wait_group_stable(dev, group, timeout=dev.session_timeout_ms / 1000 + 60)
             env_lines += f"HERALD_API_URL={api_url(dev)}\n"
         env_file.touch(mode=0o600)  # it holds the dev secrets: never readable by others

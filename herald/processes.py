@@ -15,6 +15,7 @@ from channels.webhook import WebhookProvider
 from config.settings import Settings
 from consumers.decode import Decoder
 from consumers.deliver import DeliverHandler
+from consumers.digest import DigestHandler
 from consumers.ingest import IngestHandler
 from consumers.loop import BatchLoop, RunStats, Stopper
 from consumers.outbox import OutboxRelay
@@ -28,6 +29,7 @@ from storage.db import Database
 log = logging.getLogger(__name__)
 
 INGEST_GROUP = "herald-ingest"
+DIGEST_GROUP = "herald-digest"
 # Channels with a provider: `herald deliver --channel` takes these, `herald dev` runs one each.
 PROVIDERS = ("webhook",)
 
@@ -176,6 +178,59 @@ def run_deliver(
         stats = loop.run(max_messages=max_messages, timeout=timeout, idle_timeout=idle_timeout)
         log.info("deliver-%s stopped: %d records in %d batches", channel, stats.messages, stats.batches)
     return DeliverRun(stats, loop)
+
+
+@dataclass
+class DigestRun:
+    stats: RunStats
+    handler: DigestHandler
+
+
+def run_digest(
+    settings: Settings,
+    *,
+    group: str = DIGEST_GROUP,
+    stopper: Stopper | None = None,
+    max_messages: int | None = None,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+) -> DigestRun:
+    """Build and run the digest process: windows fill from herald.digests.pending, the loop's
+    tick closes them and publishes each digest to its channel's deliveries topic."""
+    from config.settings import CHANNELS
+
+    topics = Topics(settings.topic_prefix)
+    health = Health()
+    with ExitStack() as stack:
+        serve_metrics(stack, settings, health)
+        ensure_topics(settings, [topics.digests_pending, *(topics.deliveries(c) for c in CHANNELS)])
+        db = Database.from_settings(settings)
+        stack.callback(db.close)
+        # The tick closes windows on the loop's thread while a batch applies on the worker's.
+        close_db = Database.from_settings(settings)
+        stack.callback(close_db.close)
+        publisher = KafkaPublisher(settings)
+        stack.callback(publisher.close)
+        handler = DigestHandler(settings, db, close_db, publisher, topics)
+        loop = BatchLoop(
+            settings,
+            name="digest",
+            group=group,
+            topics=[topics.digests_pending],
+            handler=handler,
+            stopper=stopper,
+            health=health,
+        )
+        stats = loop.run(max_messages=max_messages, timeout=timeout, idle_timeout=idle_timeout)
+        t = handler.totals
+        log.info(
+            "digest stopped: %d items added, %d duplicate; %d digests sent, %d suppressed",
+            t.added,
+            t.duplicates,
+            t.sent,
+            t.suppressed,
+        )
+    return DigestRun(stats, handler)
 
 
 def run_api(settings: Settings) -> None:

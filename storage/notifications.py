@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from core.envelope import Notification
-from core.policy import Decision, RateKey
+from core.policy import DIGEST, Decision, RateKey
 
 Cursor = psycopg.Cursor[tuple[Any, ...]]
 
@@ -49,15 +49,17 @@ RETURNING user_id, channel, window_start, count
 """
 
 _INSERT_DELIVERIES_SQL = """
-INSERT INTO deliveries (id, notification_id, user_id, channel, route, reason)
-SELECT * FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[]) AS t
+INSERT INTO deliveries (id, notification_id, user_id, channel, route, reason, window_start, window_seconds)
+SELECT * FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[],
+    %b::timestamptz[], %b::int[]) AS t
 ORDER BY 1
 ON CONFLICT (id) DO NOTHING
 """
 
 _UNPUBLISHED_SQL = """
 SELECT d.id, d.notification_id, d.user_id, d.channel, d.route, d.reason, n.severity, n.type,
-       n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at
+       n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at,
+       d.window_start, d.window_seconds
 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
 WHERE d.notification_id = ANY(%b) AND d.published_at IS NULL
 ORDER BY d.id
@@ -67,7 +69,8 @@ ORDER BY d.id
 # ingest processes never publish the same row at once (SKIP LOCKED: each takes others).
 _CLAIM_STRANDED_SQL = """
 SELECT d.id, d.notification_id, d.user_id, d.channel, d.route, d.reason, n.severity, n.type,
-       n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at
+       n.category, n.title, n.summary, n.target_url, n.batch_key, n.occurred_at,
+       d.window_start, d.window_seconds
 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
 WHERE d.published_at IS NULL AND d.created_at < now() - make_interval(secs => %s)
 ORDER BY d.created_at
@@ -101,6 +104,8 @@ class UnpublishedDelivery:
     target_url: str | None
     batch_key: str | None
     occurred_at: datetime
+    window_start: datetime | None = None  # a digest entry's window, fixed at ingest
+    window_seconds: int | None = None
 
 
 def load_preferences(cur: Cursor, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -166,6 +171,8 @@ def insert_deliveries(cur: Cursor, decisions: Sequence[Decision]) -> None:
             [d.channel for d in decisions],
             [d.route for d in decisions],
             [d.reason for d in decisions],
+            [d.window_start for d in decisions],
+            [d.window_seconds if d.route == DIGEST else None for d in decisions],
         ),
     )
 

@@ -29,7 +29,7 @@ from tests.helpers import make_settings
 
 TABLES = (
     "notifications, deliveries, delivery_attempts, notification_preferences, channel_endpoints,"
-    " digest_windows, rate_limits"
+    " digest_windows, digest_items, rate_limits"
 )
 
 

@@ -37,7 +37,10 @@ from storage.preferences import set_preferences
 from tests.helpers import expected_key
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = "notifications, deliveries, notification_preferences, channel_endpoints, digest_windows, rate_limits"
+TABLES = (
+    "notifications, deliveries, notification_preferences, channel_endpoints, digest_windows,"
+    " digest_items, rate_limits"
+)
 
 # (user_id, idempotency_key)
 NoteKey = tuple[str, str]

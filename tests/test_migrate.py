@@ -25,6 +25,7 @@ TABLES = {
     "channel_endpoints",
     "deliveries",
     "digest_windows",
+    "digest_items",
     "rate_limits",
     "herald_migrations",
 }
