@@ -236,7 +236,7 @@ def test_sigkill_mid_flight_five_times_loses_nothing(
     assert len(answered) == n, "every delivery reached the receiver"
     duplicates = sum(c - 1 for c in answered.values())
     # The documented window: per kill, at most the sends in flight and those finished but
-    # not yet recorded (both bounded by the concurrency).
+    # not yet recorded (each bounded by the concurrency).
     print(f"\nsend-once window: {duplicates} duplicates over {kills} SIGKILLs (concurrency 16)")
-    assert duplicates <= kills * 16, f"{duplicates} duplicates over {kills} kills"
+    assert duplicates <= kills * 2 * 16, f"{duplicates} duplicates over {kills} kills"
     assert dlq(settings) == []
