@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -156,3 +158,45 @@ def wait_joined(settings: Settings, group: str, timeout: float) -> None:
         raise BenchError(str(exc)) from exc
     time.sleep(settings.session_timeout_ms / 1000)
     progress(f"group {group} is stable")
+
+
+class HeraldChild:
+    """A ``herald`` command as a child process of the bench, its output kept for errors.
+
+    ``stop`` sends SIGTERM, as an orchestrator would: the process must exit 0 within a
+    minute, or the bench fails saying so. Leaving the ``with`` block kills what still runs.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
+        self.name = name
+        self._argv = argv
+        self._env = env
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives with the process)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(self._argv, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            code = self._proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            raise BenchError(f"{self.name} did not stop within 60 s of SIGTERM") from None
+        if code != 0:
+            raise BenchError(f"{self.name} exited with {code} on SIGTERM: {self.output()}")
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()

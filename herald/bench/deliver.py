@@ -35,7 +35,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -48,7 +47,7 @@ from config.settings import Settings
 from core.errors import ConfigError
 from core.webhooks import new_secret
 from herald.bench import common
-from herald.bench.common import BenchError, backends, child_env, emit_json, progress, say
+from herald.bench.common import BenchError, HeraldChild, backends, child_env, emit_json, progress, say
 from herald.bench.ingest import Workload, measure_ingest, produce
 from herald.embedded import free_port
 from herald.processes import deliver_group, herald_command
@@ -236,44 +235,19 @@ def _follow(conn: Any, pattern: str, deliveries: int, deliverer: Deliverer) -> N
         time.sleep(0.25)
 
 
-class Deliverer:
+class Deliverer(HeraldChild):
     """``herald deliver --channel webhook`` as a child process."""
 
     def __init__(self, env: dict[str, str], group: str) -> None:
-        self._argv = herald_command(
-            "--log-level", "WARNING", "deliver", "--channel", "webhook", "--group", group
-        )
-        self._env = env
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives with the process)
-        self._proc: subprocess.Popen[bytes] | None = None
+        argv = herald_command("--log-level", "WARNING", "deliver", "--channel", "webhook", "--group", group)
+        super().__init__(argv, env, "herald deliver")
 
     def __enter__(self) -> Deliverer:
-        self._proc = subprocess.Popen(self._argv, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.start()
         return self
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            code = self._proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            raise BenchError("herald deliver did not stop within 60 s of SIGTERM") from None
-        if code != 0:
-            raise BenchError(f"herald deliver exited with {code} on SIGTERM: {self.output()}")
-
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._log.close()
+        self.close()
 
 
 # -- the receiver: its own process -------------------------------------------------------------

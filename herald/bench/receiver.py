@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -41,7 +40,7 @@ from config.settings import Settings
 from core.errors import ConfigError
 from core.webhooks import new_secret
 from herald.bench import common
-from herald.bench.common import BenchError, backends, emit_json, progress, say
+from herald.bench.common import BenchError, HeraldChild, backends, emit_json, progress, say
 from herald.embedded import free_port
 from herald.inspect import read_topic
 from herald.processes import herald_command
@@ -140,13 +139,13 @@ def _run(settings: Settings, *, requests: int, duration: float, concurrency: int
     return 0
 
 
-class Receiver:
+class Receiver(HeraldChild):
     """``herald receiver`` as a child process, ready when its /healthz answers."""
 
     def __init__(self, settings: Settings, port: int, secret: str) -> None:
         sources = {SOURCE: {"scheme": "standard-webhooks", "secrets": [secret]}}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-        self.env.update(
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+        env.update(
             {
                 "HERALD_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
                 "HERALD_TOPIC_PREFIX": settings.topic_prefix,
@@ -158,19 +157,16 @@ class Receiver:
             }
         )
         for name, value in settings.kafka.items():  # the passthrough (SASL/SSL of an existing cluster)
-            self.env[f"HERALD_KAFKA__{name.replace('.', '_').upper()}"] = value
+            env[f"HERALD_KAFKA__{name.replace('.', '_').upper()}"] = value
+        super().__init__(herald_command("receiver"), env, "herald receiver")
         self.url = f"http://127.0.0.1:{port}"
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives with the process)
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Receiver:
-        self._proc = subprocess.Popen(
-            herald_command("receiver"), env=self.env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.start()
         deadline = time.monotonic() + 60
         while not self._healthy():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"herald receiver did not start: {self._output()}")
+            if not self.alive() or time.monotonic() > deadline:
+                raise BenchError(f"herald receiver did not start: {self.output()}")
             time.sleep(0.1)
         return self
 
@@ -181,27 +177,8 @@ class Receiver:
         except OSError:
             return False
 
-    def _output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        """SIGTERM, as an orchestrator stops it: it must flush and exit 0."""
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            code = self._proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            raise BenchError("herald receiver did not stop within 60 s of SIGTERM") from None
-        if code != 0:
-            raise BenchError(f"herald receiver exited with {code} on SIGTERM: {self._output()}")
-
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._log.close()
+        self.close()
 
 
 def presign(scheme: StandardWebhooks, port: int, n: int, tag: str) -> list[bytes]:
