@@ -25,6 +25,8 @@ from core import metrics
 
 Gate = Literal["send", "probe", "hold"]
 BUCKETS = 30
+# How long a delivery held while a probe is out waits before it looks again.
+PROBE_WAIT_S = 1.0
 
 
 @dataclass
@@ -103,10 +105,14 @@ class CircuitBreaker:
             h.probing = False
 
     def reopens_in(self, host: str) -> float:
-        """Seconds until ``host`` may be tried again (0 when it may be now)."""
+        """Seconds until ``host`` may be tried again (0 when it may be now). While a probe is
+        out, the answer is a short wait (at most a second), not 0: what is held meanwhile must
+        not come straight back while the probe is still waiting for its answer."""
         h = self._hosts.get(host)
         if h is None or h.state == "closed":
             return 0.0
+        if h.state == "half_open":
+            return min(self._cooldown, PROBE_WAIT_S)
         return max(0.0, h.open_until - self._clock())
 
     def state(self, host: str) -> str:

@@ -82,6 +82,8 @@ RETRY_HEADERS = frozenset({H_ATTEMPTS, H_DUE, H_HELD})
 
 # A lost claim race (another consumer claimed between our look-up and our claim): look again soon.
 RACE_RETRY_S = 1.0
+# The shortest a held delivery is parked: never straight back onto a host's closed door.
+PARK_MIN_S = 0.5
 # How long a wait for a finished send blocks before it looks at the clock again.
 COLLECT_WAIT_S = 0.2
 
@@ -607,7 +609,7 @@ class DeliverHandler:
     def _park(self, w: Work) -> OutRecord:
         """The record again, on the first tier that waits as long as the circuit stays open;
         due when it may be tried, with the attempts it had (none was spent)."""
-        wait = max(w.held.values())
+        wait = max(PARK_MIN_S, *w.held.values())
         index = pick_tier(self._tiers, 1, wait)
         return self._tier_record(w.item, index, wait, w.item.attempts_before, held=True)
 

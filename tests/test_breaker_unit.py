@@ -65,6 +65,7 @@ def test_one_probe_after_the_cooldown_then_closed_on_success() -> None:
     clock.now += 0.2
     assert b.admit("h") == "probe"
     assert b.admit("h") == "hold", "only one probe at a time"
+    assert b.reopens_in("h") == 1.0, "held while the probe is out: look again soon, not at once"
     b.record("h", failed=False, probe=True)
     assert b.state("h") == "closed"
     assert b.admit("h") == "send"
