@@ -16,12 +16,15 @@ that the unit tests need no sleeps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from core import metrics
+
+log = logging.getLogger(__name__)
 
 Gate = Literal["send", "probe", "hold"]
 BUCKETS = 30
@@ -126,6 +129,16 @@ class CircuitBreaker:
     def _set(self, host: str, h: _Host, state: str) -> None:
         if h.state != state:
             self._metrics.circuit_changes.labels(self._channel, state).inc()
+            # The host goes in the log line, never in a metric label (unbounded cardinality).
+            if state == "open":
+                log.warning(
+                    "deliver-%s: circuit for %s is open: holding its deliveries for %gs, then one probe",
+                    self._channel,
+                    host,
+                    self._cooldown,
+                )
+            else:
+                log.info("deliver-%s: circuit for %s is %s", self._channel, host, state.replace("_", "-"))
         h.state = state
         # How many hosts are in each state: low cardinality (states), not a host label.
         for s in ("closed", "open", "half_open"):
