@@ -353,7 +353,7 @@ def committed_now(settings: Settings, group: str) -> dict[tuple[str, int], int]:
 # --------------------------------------------------------------------------- the process
 
 
-class IngestProcess:
+class HeraldProcess:
     """``herald ingest`` (or ``command``) as an OS process, restartable, each run logging to
     its own file; ``name`` is the batch loop's name in the log (``<name>: assigned``)."""
 

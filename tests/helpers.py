@@ -8,10 +8,10 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from config.settings import Settings
 from consumers.loop import Stopper
@@ -19,6 +19,8 @@ from herald.inspect import wait_committed
 from herald.processes import IngestRun, run_ingest
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
+
+R = TypeVar("R")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,34 +118,45 @@ def last_offsets(positions: Sequence[Position]) -> dict[tuple[str, int], int]:
 
 
 @dataclass
-class IngestThread:
-    """An in-process ingest consumer on a thread, stopped like SIGTERM would."""
+class RunThread(Generic[R]):
+    """An in-process herald process (ingest, deliver, digest) on a thread, stopped like SIGTERM would."""
 
-    settings: Settings
+    name: str
     group: str
     stopper: Stopper
     thread: threading.Thread
-    result: list[IngestRun]
+    result: list[R]
 
-    def stop(self, timeout: float = 30.0) -> IngestRun:
+    def stop(self, timeout: float = 30.0) -> R:
         self.stopper.set()
         self.thread.join(timeout)
-        assert not self.thread.is_alive(), "ingest did not stop"
-        assert self.result, "ingest crashed (see the log)"
+        assert not self.thread.is_alive(), f"{self.name} did not stop"
+        assert self.result, f"{self.name} crashed (see the log)"
         return self.result[0]
 
 
-def start_ingest(settings: Settings, group: str | None = None) -> IngestThread:
-    group = group or f"g-{uuid.uuid4().hex[:8]}"
+def start_thread(name: str, group: str, run: Callable[[str, Stopper], R]) -> RunThread[R]:
+    """Run ``run(group, stopper)`` on a thread named ``name``."""
     stopper = Stopper()
-    result: list[IngestRun] = []
+    result: list[R] = []
 
     def target() -> None:
-        result.append(run_ingest(settings, group=group, stopper=stopper))
+        result.append(run(group, stopper))
 
-    t = threading.Thread(target=target, name="ingest", daemon=True)
+    t = threading.Thread(target=target, name=name, daemon=True)
     t.start()
-    return IngestThread(settings, group, stopper, t, result)
+    return RunThread(name, group, stopper, t, result)
+
+
+IngestThread = RunThread[IngestRun]
+
+
+def start_ingest(settings: Settings, group: str | None = None) -> IngestThread:
+    return start_thread(
+        "ingest",
+        group or f"g-{uuid.uuid4().hex[:8]}",
+        lambda g, st: run_ingest(settings, group=g, stopper=st),
+    )
 
 
 def ingest(

@@ -20,7 +20,7 @@ from herald.inspect import wait_committed
 from producers.topics import Topics, ensure_topics
 from tests.conftest import Backend
 from tests.faults import (
-    IngestProcess,
+    HeraldProcess,
     OrderedProducer,
     StreamBuilder,
     Trickle,
@@ -72,7 +72,7 @@ def test_sigkill_mid_stream_changes_nothing_in_the_end_state(
     producer = OrderedProducer(s, topics.events)
     positions: list[tuple[str, int, int]] = []
 
-    proc = IngestProcess(s, f"crash-{uuid.uuid4().hex[:8]}", tmp_path, HERALD_LOG_LEVEL="DEBUG")
+    proc = HeraldProcess(s, f"crash-{uuid.uuid4().hex[:8]}", tmp_path, HERALD_LOG_LEVEL="DEBUG")
     kills: list[dict[str, int]] = []
     try:
         for cycle in range(KILLS):

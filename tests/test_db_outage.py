@@ -16,7 +16,7 @@ from herald.inspect import wait_committed
 from producers.topics import Topics, ensure_topics
 from tests.conftest import Backend
 from tests.faults import (
-    IngestProcess,
+    HeraldProcess,
     OrderedProducer,
     Stream,
     StreamBuilder,
@@ -60,7 +60,7 @@ def test_postgres_stop_and_start_mid_stream(settings: Settings, backend: Backend
         stream.extend(part)
 
     producer = OrderedProducer(s, topics.events)
-    proc = IngestProcess(s, f"outage-{uuid.uuid4().hex[:8]}", tmp_path)
+    proc = HeraldProcess(s, f"outage-{uuid.uuid4().hex[:8]}", tmp_path)
     try:
         proc.start()
         proc.wait_assigned(timeout=60)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -23,7 +21,6 @@ from confluent_kafka import Producer
 from config.settings import Settings
 from consumers.deliver import H_ATTEMPTS, H_DUE
 from consumers.dlq import decode_headers
-from consumers.loop import Stopper
 from consumers.outbox import OutboxRelay
 from core.webhooks import new_secret
 from herald.inspect import Record, read_topic
@@ -33,7 +30,7 @@ from producers.topics import Topics
 from storage.db import Database
 from storage.preferences import add_endpoint
 from tests.conftest import Backend
-from tests.helpers import event, ingest, make_settings, produce
+from tests.helpers import RunThread, event, ingest, make_settings, produce, start_thread
 from tests.webhook_peer import WebhookPeer, start_peer
 
 pytestmark = pytest.mark.integration
@@ -64,31 +61,12 @@ def dsettings(backend: Backend) -> Settings:
     return deliver_settings(backend)
 
 
-@dataclass
-class DeliverThread:
-    stopper: Stopper
-    thread: threading.Thread
-    result: list[DeliverRun]
-
-    def stop(self) -> DeliverRun:
-        self.stopper.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "deliver did not stop"
-        assert self.result, "deliver crashed (see the log)"
-        return self.result[0]
-
-
-def start_deliver(settings: Settings, group: str | None = None) -> DeliverThread:
-    stopper = Stopper()
-    result: list[DeliverRun] = []
-    group = group or f"d-{uuid.uuid4().hex[:8]}"
-
-    def target() -> None:
-        result.append(run_deliver(settings, "webhook", group=group, stopper=stopper))
-
-    t = threading.Thread(target=target, name="deliver", daemon=True)
-    t.start()
-    return DeliverThread(stopper, t, result)
+def start_deliver(settings: Settings, group: str | None = None) -> RunThread[DeliverRun]:
+    return start_thread(
+        "deliver",
+        group or f"d-{uuid.uuid4().hex[:8]}",
+        lambda g, st: run_deliver(settings, "webhook", group=g, stopper=st),
+    )
 
 
 def user_with(db: Conn, settings: Settings, user: str, *urls: str) -> list[int]:

@@ -25,7 +25,7 @@ from herald.inspect import committed, read_topic
 from herald.processes import deliver_group
 from producers.topics import Topics
 from tests.conftest import Backend
-from tests.faults import IngestProcess
+from tests.faults import HeraldProcess
 from tests.helpers import make_settings
 from tests.test_deliver import (
     SECRET,
@@ -139,9 +139,9 @@ def test_one_host_down_the_other_keeps_flowing(db: Conn, backend: Backend, peers
     assert dlq(settings) == []
 
 
-def deliver_process(settings: Settings, group: str, log_dir: Path, **env: str) -> IngestProcess:
+def deliver_process(settings: Settings, group: str, log_dir: Path, **env: str) -> HeraldProcess:
     d = settings.delivery
-    return IngestProcess(
+    return HeraldProcess(
         settings,
         group,
         log_dir,

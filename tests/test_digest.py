@@ -9,7 +9,6 @@ after their end (``HERALD_POLICY__DIGEST_SECONDS``, ``HERALD_DIGEST__GRACE_S``).
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +21,6 @@ import pytest
 
 from config.settings import Settings
 from consumers.digest import Batch, DigestHandler, Pending
-from consumers.loop import Stopper
 from core.errors import BrokerUnavailable
 from core.policy import align_window
 from herald.inspect import read_topic, wait_committed, wait_group_stable
@@ -32,7 +30,7 @@ from producers.topics import Topics, ensure_topics
 from storage.db import Database
 from storage.preferences import add_endpoint
 from tests.conftest import Backend
-from tests.helpers import IngestThread, event, make_settings, produce, start_ingest
+from tests.helpers import IngestThread, RunThread, event, make_settings, produce, start_ingest, start_thread
 from tests.test_deliver import SECRET, start_deliver
 from tests.webhook_peer import start_peer
 
@@ -57,39 +55,19 @@ def digest_settings(backend: Backend, **digest: Any) -> Settings:
     )
 
 
-@dataclass
-class DigestThread:
-    stopper: Stopper
-    thread: threading.Thread
-    result: list[DigestRun]
-    group: str
-
-    def stop(self) -> DigestRun:
-        self.stopper.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "digest did not stop"
-        assert self.result, "digest crashed (see the log)"
-        return self.result[0]
-
-
-def start_digest(settings: Settings, group: str | None = None) -> DigestThread:
-    stopper = Stopper()
-    result: list[DigestRun] = []
-    group = group or f"dg-{uuid.uuid4().hex[:8]}"
-
-    def target() -> None:
-        result.append(run_digest(settings, group=group, stopper=stopper))
-
-    t = threading.Thread(target=target, name="digest", daemon=True)
-    t.start()
-    return DigestThread(stopper, t, result, group)
+def start_digest(settings: Settings, group: str | None = None) -> RunThread[DigestRun]:
+    return start_thread(
+        "digest",
+        group or f"dg-{uuid.uuid4().hex[:8]}",
+        lambda g, st: run_digest(settings, group=g, stopper=st),
+    )
 
 
 @dataclass
 class Pipeline:
     settings: Settings
     ingest: IngestThread
-    digest: DigestThread
+    digest: RunThread[DigestRun]
 
 
 @pytest.fixture

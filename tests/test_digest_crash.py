@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,11 +20,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from config.settings import Settings
 from herald.inspect import read_topic, wait_group_stable
 from producers.topics import Topics
 from tests.conftest import Backend
-from tests.helpers import ROOT, event, make_settings, produce, start_ingest
+from tests.faults import HeraldProcess
+from tests.helpers import event, make_settings, produce, start_ingest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,57 +33,6 @@ KILLS = 5
 FLOW_S = 9.0
 USERS = ("u1", "u2", "u3", "u4")
 KEYS = ("build", None)
-
-
-class DigestProcess:
-    """``herald digest`` as an OS process, restartable, each run logging to its own file."""
-
-    def __init__(self, settings: Settings, group: str, log_dir: Path) -> None:
-        self.group = group
-        self.log_dir = log_dir
-        self.runs = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        base = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-        self.env = {
-            **base,
-            "HERALD_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "HERALD_DATABASE_URL": settings.database_url.get_secret_value(),
-            "HERALD_TOPIC_PREFIX": settings.topic_prefix,
-            "HERALD_TOPIC_PARTITIONS": str(settings.topic_partitions),
-            "HERALD_SESSION_TIMEOUT_MS": "3000",
-            "HERALD_BATCH_SIZE": "20",
-            "HERALD_BATCH_TIME_MS": "50",
-            "HERALD_METRICS_PORT": "-1",
-            "HERALD_POLICY__DIGEST_SECONDS": "2",
-            "HERALD_POLICY__WEBHOOK": "true",
-            "HERALD_DIGEST__GRACE_S": "1",
-            "HERALD_DIGEST__TICK_S": "0.1",
-            "HERALD_OUTBOX_RELAY_AFTER_S": "1",
-            "HERALD_OUTBOX_RELAY_EVERY_S": "0.5",
-            "HERALD_DB_BACKOFF_MIN_MS": "100",
-            "HERALD_DB_BACKOFF_MAX_MS": "1000",
-        }
-
-    def start(self) -> None:
-        self.runs += 1
-        with open(self.log_dir / f"digest-{self.runs}.log", "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "herald.cli", "digest", "--group", self.group],
-                env=self.env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, "digest died by itself"
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 def test_sigkill_at_random_moments_gives_one_digest_per_window(
@@ -102,7 +48,22 @@ def test_sigkill_at_random_moments_gives_one_digest_per_window(
         session_timeout_ms=3000,
     )
     ing = start_ingest(s)
-    proc = DigestProcess(s, f"dg-{uuid.uuid4().hex[:8]}", tmp_path)
+    proc = HeraldProcess(
+        s,
+        f"dg-{uuid.uuid4().hex[:8]}",
+        tmp_path,
+        command=("digest",),
+        name="digest",
+        HERALD_SESSION_TIMEOUT_MS="3000",
+        HERALD_BATCH_SIZE="20",
+        HERALD_BATCH_TIME_MS="50",
+        HERALD_POLICY__DIGEST_SECONDS="2",
+        HERALD_POLICY__WEBHOOK="true",
+        HERALD_DIGEST__GRACE_S="1",
+        HERALD_DIGEST__TICK_S="0.1",
+        HERALD_OUTBOX_RELAY_AFTER_S="1",
+        HERALD_OUTBOX_RELAY_EVERY_S="0.5",
+    )
     sent: list[int] = [0]
     stop_flow = threading.Event()
 
@@ -132,18 +93,17 @@ def test_sigkill_at_random_moments_gives_one_digest_per_window(
         flowing.start()
         for _ in range(KILLS):
             time.sleep(rng.uniform(0.8, 2.0))
-            proc.kill()
+            assert proc.kill(), "digest died by itself"
             proc.start()
         flowing.join(FLOW_S + 30)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not _settled(db, sent[0]):
             time.sleep(0.2)
-        assert proc.stop() == 0
+        assert proc.terminate(30) == 0
     finally:
         stop_flow.set()
         ing.stop()
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.proc.kill()
+        proc.cleanup()
     # Every warning is one item, in exactly one window, and every window closed.
     items = db.execute("SELECT count(*), count(DISTINCT delivery_id) FROM digest_items").fetchone()
     assert items == (sent[0], sent[0]), f"seed {seed}"

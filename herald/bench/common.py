@@ -28,7 +28,7 @@ from config.settings import Settings
 from core.errors import ConfigError, HeraldError
 from herald.embedded import EmbeddedStack
 from herald.inspect import wait_group_stable
-from producers.publisher import KAFKA_LOG, Position
+from producers.publisher import KAFKA_LOG, KafkaPublisher, OutRecord, Position
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Cursor = psycopg.Cursor[tuple[Any, ...]]
@@ -74,6 +74,21 @@ def backends(settings: Settings) -> Iterator[tuple[Settings, str]]:
             "herald bench: only one of HERALD_KAFKA_BOOTSTRAP / HERALD_DATABASE_URL is set; "
             "ignoring it and starting an embedded stack (set both to use an existing one)"
         )
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the stack below is stopped, not orphaned.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with _embedded(settings) as pair:
+            yield pair
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _embedded(settings: Settings) -> Iterator[tuple[Settings, str]]:
     with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
         progress(f"herald bench: starting an embedded broker and PostgreSQL under {tmp} ...")
         with EmbeddedStack(Path(tmp)) as stack:
@@ -200,3 +215,26 @@ class HeraldChild:
             self._proc.kill()
             self._proc.wait()
         self._log.close()
+
+
+def produce(
+    settings: Settings, topic: str, records: Sequence[tuple[bytes, bytes]], noun: str = "records"
+) -> list[Position]:
+    """``(key, value)`` records onto ``topic`` in chunks of 50,000, each chunk acknowledged."""
+    started = time.perf_counter()
+    publisher = KafkaPublisher(settings, **{"linger.ms": 50, "batch.num.messages": 10_000})
+    positions: list[Position] = []
+    chunk = 50_000
+    try:
+        for lo in range(0, len(records), chunk):
+            recs = [OutRecord(topic=topic, key=k, value=v) for k, v in records[lo : lo + chunk]]
+            positions += publisher.publish(recs)
+            progress(f"produce: {len(positions):,} / {len(records):,} records")
+    finally:
+        publisher.close()
+    print(
+        f"produced {len(positions):,} {noun} to {topic} ({settings.topic_partitions} partitions) "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    return positions

@@ -47,8 +47,17 @@ from config.settings import Settings
 from core.errors import ConfigError
 from core.webhooks import new_secret
 from herald.bench import common
-from herald.bench.common import BenchError, HeraldChild, backends, child_env, emit_json, progress, say
-from herald.bench.ingest import Workload, measure_ingest, produce
+from herald.bench.common import (
+    BenchError,
+    HeraldChild,
+    backends,
+    child_env,
+    emit_json,
+    produce,
+    progress,
+    say,
+)
+from herald.bench.ingest import measure_ingest
 from herald.embedded import free_port
 from herald.processes import deliver_group, herald_command
 from producers.topics import Topics, ensure_topics
@@ -125,8 +134,7 @@ def _run(settings: Settings, run_id: str, *, deliveries: int, users: int, latenc
             conn.execute(_PREFS_SQL, (user_ids,))
             conn.execute(_ENDPOINTS_SQL, (f"{sink.url}/hook", secret, user_ids))
         records = [_event(run_id, i, user_ids[i % users]) for i in range(deliveries)]
-        work = Workload(users=user_ids, records=records, duplicates=0)
-        positions = produce(settings, topics.events, work)
+        positions = produce(settings, topics.events, records)
         measure_ingest(settings, f"{run_id}-ingest", positions, deliveries)
         pattern = f"{run_id}-u%"
         with connect(url, autocommit=True) as conn:

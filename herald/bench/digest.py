@@ -45,11 +45,12 @@ from herald.bench.common import (
     backends,
     check_durability,
     emit_json,
+    produce,
     progress,
     say,
 )
 from herald.processes import DigestRun, run_digest
-from producers.publisher import KafkaPublisher, OutRecord, Position
+from producers.publisher import Position
 from producers.topics import Topics, ensure_topics
 from storage.db import connect
 from storage.migrate import migrate
@@ -124,7 +125,7 @@ def _run(settings: Settings, run_id: str, *, items: int, users: int, window_s: i
     )
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, [topics.digests_pending, topics.deliveries(CHANNEL)])
-    positions = produce(settings, topics.digests_pending, work)
+    positions = produce(settings, topics.digests_pending, work.records, "digest entries")
     run, first, end = measure(settings, f"bench-digest-{run_id}", positions, items, closes)
     seconds = end - first
     rate = items / seconds
@@ -244,22 +245,6 @@ def load_rows(conn: Conn, work: Workload) -> None:
         f"loaded {len(work.records):,} notifications and delivery rows"
         f" in {time.perf_counter() - started:.1f} s"
     )
-
-
-def produce(settings: Settings, topic: str, work: Workload) -> list[Position]:
-    started = time.perf_counter()
-    publisher = KafkaPublisher(settings, **{"linger.ms": 50, "batch.num.messages": 10_000})
-    positions: list[Position] = []
-    chunk = 50_000
-    try:
-        for lo in range(0, len(work.records), chunk):
-            recs = [OutRecord(topic=topic, key=k, value=v) for k, v in work.records[lo : lo + chunk]]
-            positions += publisher.publish(recs)
-            progress(f"produce: {len(positions):,} / {len(work.records):,} records")
-    finally:
-        publisher.close()
-    say(f"produced {len(positions):,} digest entries to {topic} in {time.perf_counter() - started:.1f} s")
-    return positions
 
 
 # -- the measured run -------------------------------------------------------------------------

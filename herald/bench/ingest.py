@@ -51,12 +51,13 @@ from herald.bench.common import (
     backends,
     check_durability,
     emit_json,
+    produce,
     progress,
     say,
     wait_joined,
 )
 from herald.processes import IngestRun, herald_command, run_ingest
-from producers.publisher import KafkaPublisher, OutRecord, Position
+from producers.publisher import Position
 from producers.topics import Topics, ensure_topics
 from storage.db import connect
 from storage.migrate import migrate
@@ -215,7 +216,7 @@ def _run(
             f"`herald ingest` processes (from the first record produced to the last offset committed)"
         )
     else:
-        positions = produce(settings, topics.events, work)
+        positions = produce(settings, topics.events, work.records)
         ingest = measure_ingest(settings, f"bench-ingest-{run_id}", positions, events)
         seconds, rate = ingest.seconds, events / ingest.seconds
         t = ingest.totals
@@ -330,26 +331,6 @@ def set_preferences_bulk(conn: Conn, users: Sequence[str]) -> None:
         conn.execute(_BULK_PREFS_SQL, (list(users), [j % 2 == 0 for j in range(len(users))]))
 
 
-def produce(settings: Settings, topic: str, work: Workload) -> list[Position]:
-    started = time.perf_counter()
-    publisher = KafkaPublisher(settings, **{"linger.ms": 50, "batch.num.messages": 10_000})
-    positions: list[Position] = []
-    chunk = 50_000
-    try:
-        for lo in range(0, len(work.records), chunk):
-            recs = [OutRecord(topic=topic, key=k, value=v) for k, v in work.records[lo : lo + chunk]]
-            positions += publisher.publish(recs)
-            progress(f"produce: {len(positions):,} / {len(work.records):,} records")
-    finally:
-        publisher.close()
-    print(
-        f"produced {len(positions):,} records to {topic} ({settings.topic_partitions} partitions) "
-        f"in {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
-    return positions
-
-
 # -- the measured ingest run ------------------------------------------------------------------
 
 
@@ -453,7 +434,7 @@ def measure_ingest_processes(
     try:
         wait_joined(settings, group, settings.session_timeout_ms / 1000 + 30)
         started = time.perf_counter()
-        positions = produce(settings, topic, work)
+        positions = produce(settings, topic, work.records)
         watch = CommitWatch(settings, group, positions)
         try:
             deadline = started + 120 + len(work.records) / 1000
