@@ -7,6 +7,7 @@ these pieces and never starts its own broker or database by hand.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -14,21 +15,25 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import SecretStr
 
 from config.settings import Settings
+from consumers.loop import Stopper
 from core.errors import ConfigError, HeraldError
 from herald.embedded import EmbeddedStack
 from herald.inspect import wait_group_stable
 from producers.publisher import KAFKA_LOG, KafkaPublisher, OutRecord, Position
+
+R = TypeVar("R")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Cursor = psycopg.Cursor[tuple[Any, ...]]
@@ -238,3 +243,47 @@ def produce(
         flush=True,
     )
     return positions
+
+
+class ConsumerThread(Generic[R]):
+    """A herald consumer run in this process on a thread (``run(stopper)``), as the benches
+    measure it: its failure reported here, the bench's own objects kept out of its garbage
+    collections (``gc.freeze``) while it runs."""
+
+    def __init__(self, name: str, run: Callable[[Stopper], R]) -> None:
+        self.name = name
+        self._stopper = Stopper()
+        self._result: list[R] = []
+        self._failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self._result.append(run(self._stopper))
+            except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
+                self._failure.append(exc)
+
+        self._thread = threading.Thread(target=target, name=f"bench-{name}", daemon=True)
+        self.launched = 0.0
+
+    def start(self) -> None:
+        gc.freeze()
+        self.launched = time.perf_counter()
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Like SIGTERM: the consumer finishes its batch and leaves; waits up to a minute."""
+        self._stopper.set()
+        self._thread.join(60)
+        gc.unfreeze()
+
+    def result(self) -> R:
+        """What the run returned; raises BenchError if it failed or did not stop."""
+        if self._failure or not self._result:
+            raise BenchError(f"{self.name} failed: {self._failure[0] if self._failure else 'did not stop'}")
+        # A consumer's clients sit in a cycle (consumer <-> rebalance callbacks <-> loop ->
+        # handler -> producer): collect them now, or a producer outlives the broker.
+        gc.collect()
+        return self._result[0]

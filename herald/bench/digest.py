@@ -21,12 +21,10 @@ A run, in this order:
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import math
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +32,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from config.settings import Settings
-from consumers.loop import Stopper
 from core import policy
 from core.errors import ConfigError
 from herald.bench import common
@@ -42,6 +39,7 @@ from herald.bench.common import (
     BenchError,
     CommitWatch,
     Conn,
+    ConsumerThread,
     backends,
     check_durability,
     emit_json,
@@ -254,50 +252,34 @@ def measure(
     settings: Settings, group: str, positions: list[Position], items: int, closes: datetime
 ) -> tuple[DigestRun, float, float]:
     """Steps 4 and 5: returns the run, and (first batch, last commit) on the perf_counter clock."""
-    stopper = Stopper()
-    result: list[DigestRun] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(run_digest(settings, group=group, stopper=stopper))
-        except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
-            failure.append(exc)
-
+    run = ConsumerThread("digest", lambda stopper: run_digest(settings, group=group, stopper=stopper))
     watch = CommitWatch(settings, group, positions)
-    gc.freeze()
-    thread = threading.Thread(target=target, name="bench-digest", daemon=True)
-    launched = time.perf_counter()
-    thread.start()
+    run.start()
     url = settings.database_url.get_secret_value()
     try:
-        end = _wait(watch.done, thread, launched + 120 + items / 1000, "commit every item")
+        end = _wait(watch.done, run, run.launched + 120 + items / 1000, "commit every item")
         progress(f"digest: every item committed; windows close at {closes:%H:%M:%S}Z")
         with connect(url, autocommit=True) as conn:
             deadline = time.perf_counter() + max(0.0, (closes - datetime.now(UTC)).total_seconds()) + 60
-            _wait(lambda: _open_windows(conn) == 0, thread, deadline, "close every window")
+            _wait(lambda: _open_windows(conn) == 0, run, deadline, "close every window")
         time.sleep(2 * TICK_S)
     finally:
-        stopper.set()
-        thread.join(60)
+        run.stop()
         watch.close()
-        gc.unfreeze()
-    if failure or not result:
-        raise BenchError(f"digest failed: {failure[0] if failure else 'did not stop'}")
-    first = result[0].handler.totals.first_batch_at
+    digest_run = run.result()
+    first = digest_run.handler.totals.first_batch_at
     if first is None:
         raise BenchError("digest processed no batch")
-    gc.collect()  # the consumer's clients sit in a cycle: free them while the broker is up
-    return result[0], first, end
+    return digest_run, first, end
 
 
-def _wait(check: Callable[[], bool], thread: threading.Thread, deadline: float, what: str) -> float:
+def _wait(check: Callable[[], bool], run: ConsumerThread[DigestRun], deadline: float, what: str) -> float:
     next_line = time.perf_counter() + 1.0
     while True:
         now = time.perf_counter()
         if check():
             return now
-        if not thread.is_alive():
+        if not run.alive():
             raise BenchError(f"digest stopped before it could {what}")
         if now > deadline:
             raise BenchError(f"digest did not {what} in time")

@@ -21,13 +21,11 @@ A run, in this order:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,7 +35,6 @@ from typing import Any
 
 from config.settings import Settings
 from consumers.ingest import BatchOutcome
-from consumers.loop import Stopper
 from core import metrics, policy
 from core.envelope import Notification, expand_all, parse
 from core.errors import ConfigError
@@ -47,6 +44,7 @@ from herald.bench.common import (
     BenchError,
     CommitWatch,
     Conn,
+    ConsumerThread,
     Cursor,
     backends,
     check_durability,
@@ -373,36 +371,17 @@ def measure_ingest(
     settings: Settings, group: str, positions: Sequence[Position], events: int
 ) -> IngestResult:
     """Step 5 of the module docstring, with progress lines on stderr."""
-    stopper = Stopper()
-    result: list[IngestRun] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(run_ingest(settings, group=group, stopper=stopper))
-        except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
-            failure.append(exc)
-
+    run = ConsumerThread("ingest", lambda stopper: run_ingest(settings, group=group, stopper=stopper))
     watch = CommitWatch(settings, group, positions)
     before = _Counters.read()
-    # The workload is the bench's, not ingest's: keep the ingest thread's collections off it.
-    gc.freeze()
-    thread = threading.Thread(target=target, name="bench-ingest", daemon=True)
-    launched = time.perf_counter()
-    thread.start()
+    run.start()
+    launched = run.launched
     try:
-        first, end = _follow(thread, watch, before, events, launched)
+        first, end = _follow(run, watch, before, events, launched)
     finally:
-        stopper.set()
-        thread.join(60)
+        run.stop()
         watch.close()
-        gc.unfreeze()
-    if failure or not result:
-        raise BenchError(f"ingest failed: {failure[0] if failure else 'did not stop'}")
-    totals = result.pop().handler.totals
-    # Ingest's clients sit in a cycle (consumer <-> rebalance callbacks <-> loop -> handler ->
-    # producer): collect them now, or the producer outlives the broker and logs reconnects.
-    gc.collect()
+    totals = run.result().handler.totals
     return IngestResult(events, end - first, first - launched, totals)
 
 
@@ -455,7 +434,7 @@ def measure_ingest_processes(
 
 
 def _follow(
-    thread: threading.Thread, watch: CommitWatch, before: _Counters, events: int, launched: float
+    run: ConsumerThread[IngestRun], watch: CommitWatch, before: _Counters, events: int, launched: float
 ) -> tuple[float, float]:
     """Return (first batch started, last offset committed) on the perf_counter clock."""
     deadline = launched + 120 + events / 1000
@@ -463,7 +442,7 @@ def _follow(
     next_line = launched + 1.0
     while True:
         now = time.perf_counter()
-        if not thread.is_alive():
+        if not run.alive():
             raise BenchError("ingest stopped before the group committed the last offset")
         if now > deadline:
             raise BenchError(f"ingest did not commit every record in {deadline - launched:.0f} s")
