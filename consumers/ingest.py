@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -88,8 +88,12 @@ class IngestHandler:
         publisher: Publisher,
         topics: Topics,
         decoder: Decoder | None = None,
+        on_commit: Callable[[Prepared, float], None] | None = None,
     ) -> None:
         self._settings = settings
+        # Called with each batch and the wall-clock time its transaction committed
+        # (``herald bench ingest --rate`` measures record time to commit with it).
+        self._on_commit = on_commit
         # Native and CloudEvents only, unless the composition root passes one with rules.
         self._decode = decoder or Decoder(max_bytes=settings.max_event_bytes)
         self._policy = settings.policy
@@ -124,6 +128,8 @@ class IngestHandler:
                 "batch of %d notifications refused (%s); bisecting to find the record", len(notes), exc
             )
             decisions, stale = self._bisect(notes, origin, outcome, dead)
+        if self._on_commit is not None:
+            self._on_commit(prepared, time.time())
         out = [self._record(d) for d in decisions]
         out += [outbox.stored_record(s, self._topics, self._settings) for s in stale]
         self._publisher.publish(out + dead)

@@ -129,6 +129,10 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 4),
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         "partition.assignment.strategy": "range",
+        # A fetch with nothing to return waits at most this long on the broker (librdkafka's
+        # default is 500 ms). Kafka answers as soon as records arrive; a broker that does not
+        # (the embedded one) would add up to this much to a record's delay at low rates.
+        "fetch.wait.max.ms": 100,
     }
     conf.update(settings.kafka_client_config())
     conf.update(extra)

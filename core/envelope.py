@@ -24,6 +24,7 @@ from pydantic import (
 
 from config.settings import PolicySettings
 from core.errors import NotAnObject, NotJson, SchemaViolation, TooLarge
+from core.ids import uuid5
 from core.redaction import redact_then_truncate, truncate
 
 Severity = Literal["info", "success", "warning", "critical"]
@@ -346,7 +347,7 @@ def expand(
         seen.add(user_id)
         out.append(
             Notification(
-                id=uuid.uuid5(NOTIFICATION_NS, f"{user_id}\x00{key}"),
+                id=uuid5(NOTIFICATION_NS, f"{user_id}\x00{key}"),
                 user_id=user_id,
                 source=source,
                 type=env.type,

@@ -14,6 +14,7 @@ from typing import Any
 
 from config.settings import CHANNELS, PolicySettings
 from core.envelope import Notification
+from core.ids import uuid5
 from core.redaction import redact_then_truncate
 
 DELIVERY_NS = uuid.UUID("0b9d6a3e-71c4-4f25-8e1a-5c3d2b7f9e04")
@@ -126,7 +127,7 @@ class Decision:
 
 
 def delivery_id(notification_id: uuid.UUID, channel: str) -> uuid.UUID:
-    return uuid.uuid5(DELIVERY_NS, f"{notification_id}:{channel}")
+    return uuid5(DELIVERY_NS, f"{notification_id}:{channel}")
 
 
 def plan(notification: Notification, prefs: Preferences) -> list[Decision]:

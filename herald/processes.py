@@ -6,6 +6,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from config.settings import Settings
 from consumers.decode import Decoder
 from consumers.deliver import DeliverHandler
 from consumers.digest import DigestHandler
-from consumers.ingest import IngestHandler
+from consumers.ingest import IngestHandler, Prepared
 from consumers.loop import BatchLoop, RunStats, Stopper
 from consumers.outbox import OutboxRelay
 from consumers.rules import RuleSet
@@ -89,6 +90,7 @@ def run_ingest(
     max_messages: int | None = None,
     timeout: float | None = None,
     idle_timeout: float | None = None,
+    on_commit: Callable[[Prepared, float], None] | None = None,
 ) -> IngestRun:
     """Build and run the ingest consumer until stopped (or a bound is reached)."""
     decoder = build_decoder(settings)  # an invalid rules file stops here, before any connection
@@ -109,7 +111,7 @@ def run_ingest(
         relay = OutboxRelay(settings, relay_db, relay_publisher, topics)
         relay.start()
         stack.callback(relay.stop)
-        handler = IngestHandler(settings, db, publisher, topics, decoder)
+        handler = IngestHandler(settings, db, publisher, topics, decoder, on_commit)
         loop = BatchLoop(
             settings,
             name="ingest",

@@ -14,8 +14,8 @@ from tests.conftest import Backend
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_bench_reports_verified_figures(backend: Backend, processes: int) -> None:
+@pytest.mark.parametrize(("processes", "rate"), [(1, None), (2, None), (1, 1000)])
+def test_bench_reports_verified_figures(backend: Backend, processes: int, rate: int | None) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
     env |= {
         "HERALD_KAFKA_BOOTSTRAP": backend.bootstrap,
@@ -35,6 +35,7 @@ def test_bench_reports_verified_figures(backend: Backend, processes: int) -> Non
             "300",
             "--processes",
             str(processes),
+            *(["--rate", str(rate)] if rate else []),
         ],
         env=env,
         capture_output=True,
@@ -43,7 +44,16 @@ def test_bench_reports_verified_figures(backend: Backend, processes: int) -> Non
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert {"events", "duplicates", "events_per_s", "baseline_events_per_s", "ratio"} <= set(result)
+    assert {
+        "events",
+        "duplicates",
+        "events_per_s",
+        "limit_events_per_s",
+        "limit_ratio",
+        "baseline_events_per_s",
+        "ratio",
+        "cpu_us_per_event",
+    } <= set(result)
     assert result["events"] == 3000
     assert result["duplicates"] == 300
     assert result["verified"] is True
@@ -52,3 +62,15 @@ def test_bench_reports_verified_figures(backend: Backend, processes: int) -> Non
     assert result["ratio"] == pytest.approx(
         result["events_per_s"] / result["baseline_events_per_s"], rel=0.01
     )
+    assert result["limit_ratio"] == pytest.approx(
+        result["events_per_s"] / result["limit_events_per_s"], rel=0.01
+    )
+    # The embedded stack runs here: PostgreSQL's and the broker's CPU are measured, not guessed.
+    cpu = result["cpu_us_per_event"]
+    assert cpu["herald"] > 0 and cpu["postgres"] > 0 and cpu["broker"] is not None
+    if rate:
+        assert result["rate"] == rate
+        # Every record waits at least for its batch's transaction; none waits forever.
+        assert 0 < result["p50_ms"] <= result["p99_ms"] < 10_000
+    else:
+        assert "p99_ms" not in result

@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import psutil
 import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import SecretStr
 
 from config.settings import Settings
@@ -31,7 +32,7 @@ from consumers.loop import Stopper
 from core.errors import ConfigError, HeraldError
 from herald.embedded import EmbeddedStack
 from herald.inspect import wait_group_stable
-from producers.publisher import KAFKA_LOG, KafkaPublisher, OutRecord, Position
+from producers.publisher import KAFKA_LOG, KafkaPublisher, OutRecord, Position, producer_config
 
 R = TypeVar("R")
 
@@ -245,6 +246,40 @@ def produce(
     return positions
 
 
+def produce_steadily(
+    settings: Settings, topic: str, records: Sequence[tuple[bytes, bytes]], rate: float
+) -> list[Position]:
+    """``(key, value)`` records at ``rate`` per second, spread evenly (in 5 ms steps), each one
+    stamped with the moment it was produced; returns once every one is acknowledged."""
+    producer = Producer(producer_config(settings, **{"linger.ms": 5}), logger=KAFKA_LOG)
+    positions: list[Position] = []
+    failed: list[str] = []
+
+    def acked(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            failed.append(str(err))
+        else:
+            positions.append((msg.topic() or topic, msg.partition() or 0, msg.offset() or 0))
+
+    started = time.perf_counter()
+    sent = 0
+    next_line = started + 1.0
+    while sent < len(records):
+        now = time.perf_counter()
+        due = min(len(records), int((now - started) * rate) + 1)
+        for k, v in records[sent:due]:
+            producer.produce(topic, value=v, key=k, on_delivery=acked)
+        sent = max(sent, due)
+        producer.poll(0)
+        if now >= next_line:
+            next_line = now + 1.0
+            progress(f"produce: {sent:,} / {len(records):,} records at {sent / (now - started):,.0f}/s")
+        time.sleep(0.005)
+    if producer.flush(60) or failed:
+        raise BenchError(f"{len(records) - len(positions):,} records were not acknowledged: {failed[:1]}")
+    return positions
+
+
 class ConsumerThread(Generic[R]):
     """A herald consumer run in this process on a thread (``run(stopper)``), as the benches
     measure it: its failure reported here, the bench's own objects kept out of its garbage
@@ -287,3 +322,89 @@ class ConsumerThread(Generic[R]):
         # handler -> producer): collect them now, or a producer outlives the broker.
         gc.collect()
         return self._result[0]
+
+
+class CpuMeter:
+    """CPU seconds spent between ``start`` and ``read`` by this process (herald: every
+    thread, librdkafka's included), the PostgreSQL server and the broker when they run
+    on this machine (the whole server: postmaster and every backend; ``None`` when remote).
+
+    The figure the ingest bench divides by the events: it holds under load from other
+    processes on the machine, where a rate does not.
+    """
+
+    def __init__(self, settings: Settings, conn: Conn) -> None:
+        self._herald = [psutil.Process()]
+        self._postgres = _postgres_server(conn)
+        self._broker = _listening(settings.kafka_bootstrap)
+        self._start: dict[str, float | None] = {}
+        self._end: dict[str, float | None] = {}
+
+    def _sample(self) -> dict[str, float | None]:
+        herald = 0.0
+        for p in self._herald:
+            t = p.cpu_times()
+            herald += t.user + t.system
+        return {"herald": herald, "postgres": _tree_cpu(self._postgres), "broker": _tree_cpu(self._broker)}
+
+    def start(self, herald: Sequence[int] = ()) -> None:
+        """From now; ``herald``: the pids of herald processes to count instead of this one."""
+        if herald:
+            self._herald = [psutil.Process(pid) for pid in herald]
+        self._start = self._sample()
+
+    def stop(self) -> None:
+        """Until now (call it while the measured processes still run)."""
+        self._end = self._sample()
+
+    def read(self) -> dict[str, float | None]:
+        """Seconds of CPU per part from ``start`` to ``stop``."""
+        end = self._end
+        return {
+            k: None if end[k] is None or self._start.get(k) is None else end[k] - self._start[k]  # type: ignore[operator]
+            for k in end
+        }
+
+
+def _postgres_server(conn: Conn) -> psutil.Process | None:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    try:
+        backend = psutil.Process(int(row[0])) if row else None
+        server = backend.parent() if backend else None
+    except psutil.Error:
+        return None  # another machine (or a container's pid namespace)
+    return server if server is not None and "postgres" in server.name() else None
+
+
+def _listening(bootstrap: str) -> psutil.Process | None:
+    """The local process listening on the first bootstrap address's port, if any."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    if host not in ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", ""):  # noqa: S104 (a comparison)
+        return None
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == int(port) and c.pid:
+                return psutil.Process(c.pid)
+    except (psutil.Error, ValueError):
+        return None
+    return None
+
+
+def _tree_cpu(root: psutil.Process | None) -> float | None:
+    """User + system seconds of ``root``, its live descendants and the children it reaped."""
+    if root is None:
+        return None
+    total = 0.0
+    try:
+        t = root.cpu_times()
+        total += t.user + t.system + t.children_user + t.children_system
+        kids = root.children(recursive=True)
+    except psutil.Error:
+        return None
+    for p in kids:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue  # exited between the listing and the read
+        total += t.user + t.system
+    return float(total)

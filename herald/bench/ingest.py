@@ -34,26 +34,26 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from config.settings import Settings
-from consumers.ingest import BatchOutcome
-from core import metrics, policy
-from core.envelope import Notification, expand_all, parse
+from consumers.ingest import BatchOutcome, Prepared
+from core import metrics
 from core.errors import ConfigError
-from core.policy import Preferences
 from herald.bench import common
 from herald.bench.common import (
     BenchError,
     CommitWatch,
     Conn,
     ConsumerThread,
-    Cursor,
+    CpuMeter,
     backends,
     check_durability,
     emit_json,
     produce,
+    produce_steadily,
     progress,
     say,
     wait_joined,
 )
+from herald.bench.references import SEED_QUEUE_DDL, BaselineResult, run_baseline, run_write_limit
 from herald.processes import IngestRun, herald_command, run_ingest
 from producers.publisher import Position
 from producers.topics import Topics, ensure_topics
@@ -61,6 +61,11 @@ from storage.db import connect
 from storage.migrate import migrate
 
 DEFAULT_BATCH_SIZE = 5000
+DEFAULT_EVENTS = 200_000
+RATE_SECONDS = 30  # --rate without --events: this many seconds of records
+# --rate: records of the first seconds after the group join are left out of the percentiles
+# (their maximum is printed): the embedded broker's first fetches after a join take ~0.5 s.
+WARMUP_MS = 2000
 SESSION_TIMEOUT_MS = 10_000
 DUPLICATE_SHARE = 0.10
 # Ingest outcomes that account for every record once (single-recipient events).
@@ -79,39 +84,6 @@ WORDS = tuple(
     " region limit status owner".split()
 )
 
-# One transaction per event, statement by statement (the seed article's design).
-_SEED_PREFS_SQL = """
-INSERT INTO notification_preferences (user_id) VALUES (%s)
-ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id
-RETURNING in_app, email, push, webhook, digest_minutes
-"""
-_SEED_INSERT_SQL = """
-WITH ins AS (
-    INSERT INTO notifications (id, user_id, source, type, category, severity, title, body, summary,
-        target_url, data, sensitive, idempotency_key, batch_key, hidden, occurred_at)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-)
-SELECT count(*) FROM ins
-"""
-_SEED_RATE_SQL = """
-INSERT INTO rate_limits (user_id, channel, window_start, count) VALUES (%s, %s, %s, 1)
-ON CONFLICT (user_id, channel, window_start) DO UPDATE SET count = rate_limits.count + 1
-RETURNING count
-"""
-_SEED_QUEUE_SQL = """
-INSERT INTO bench_seed_queue (notification_id, user_id, channel, route, reason, run_after)
-VALUES (%s, %s, %s, %s, %s, %s)
-"""
-_SEED_QUEUE_DDL = (
-    "CREATE TABLE IF NOT EXISTS bench_seed_queue ("
-    " id bigserial PRIMARY KEY, notification_id uuid NOT NULL, user_id text NOT NULL,"
-    " channel text NOT NULL, route text NOT NULL, reason text,"
-    " status text NOT NULL DEFAULT 'queued', attempts integer NOT NULL DEFAULT 0,"
-    " run_after timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
-    "CREATE INDEX IF NOT EXISTS bench_seed_queue_due ON bench_seed_queue (run_after) WHERE status = 'queued'",
-)
 _BULK_PREFS_SQL = """
 INSERT INTO notification_preferences (user_id, email)
 SELECT * FROM unnest(%s::text[], %s::bool[]) AS t ORDER BY 1
@@ -140,34 +112,44 @@ class IngestResult:
     totals: BatchOutcome
 
 
-@dataclass
-class BaselineResult:
-    events: int
-    seconds: float
-    inserted: int
-    commit_seconds: float
-
-
 # -- entry point ------------------------------------------------------------------------------
 
 
 def run_ingest_bench(
-    settings: Settings, *, events: int, baseline_sample: int, users: int, processes: int = 1
+    settings: Settings,
+    *,
+    events: int | None,
+    baseline_sample: int,
+    users: int,
+    processes: int = 1,
+    rate: float | None = None,
 ) -> int:
     """Run the whole benchmark; returns the process exit code."""
+    if rate is not None and (rate <= 0 or processes != 1):
+        raise ConfigError("--rate needs a rate above 0, with one process")
+    if events is None:
+        events = round(rate * RATE_SECONDS) if rate else DEFAULT_EVENTS
     if events < 1 or users < 1 or baseline_sample < 10_000:
         raise ConfigError("need --events >= 1, --users >= 1 and --baseline-sample >= 10000")
     run_id = uuid.uuid4().hex[:10]
     with backends(settings) as (base, where):
-        bench = _bench_settings(base, run_id)
+        bench = _bench_settings(base, run_id, steady=rate is not None)
         print(f"herald bench ingest: run {run_id}, {where}", flush=True)
         return _run(
-            bench, run_id, events=events, baseline_sample=baseline_sample, users=users, processes=processes
+            bench,
+            run_id,
+            events=events,
+            baseline_sample=baseline_sample,
+            users=users,
+            processes=processes,
+            rate=rate,
         )
 
 
-def _bench_settings(settings: Settings, run_id: str) -> Settings:
-    user_batch = "batch_size" in settings.model_fields_set or "HERALD_BATCH_SIZE" in os.environ
+def _bench_settings(settings: Settings, run_id: str, *, steady: bool = False) -> Settings:
+    """Throughput runs batch 5,000 records unless told otherwise; a steady-rate run keeps
+    the configured batch size (the default, unless set): the delay it costs is the point."""
+    user_batch = steady or "batch_size" in settings.model_fields_set or "HERALD_BATCH_SIZE" in os.environ
     return settings.model_copy(
         update={
             "topic_prefix": f"bench{run_id}",
@@ -179,13 +161,20 @@ def _bench_settings(settings: Settings, run_id: str) -> Settings:
 
 
 def _run(
-    settings: Settings, run_id: str, *, events: int, baseline_sample: int, users: int, processes: int = 1
+    settings: Settings,
+    run_id: str,
+    *,
+    events: int,
+    baseline_sample: int,
+    users: int,
+    processes: int = 1,
+    rate: float | None = None,
 ) -> int:
     url = settings.database_url.get_secret_value()
     migrate(url)
     with connect(url, autocommit=True) as conn:
         durability = check_durability(conn)
-        for ddl in _SEED_QUEUE_DDL:
+        for ddl in SEED_QUEUE_DDL:
             conn.execute(ddl)
     machine = common.machine()
     say(f"machine: {machine['cores']} cores, {machine['platform']}, Python {machine['python']}")
@@ -194,6 +183,7 @@ def _run(
     rng = random.Random(run_id)  # noqa: S311 (a workload, not a secret)
     now = datetime.now(UTC)
     work = generate(f"{run_id}-ingest", events, users, rng, now)
+    bare = generate(f"{run_id}-limit", events, users, rng, now)
     sample = generate(f"{run_id}-seed", baseline_sample, users, rng, now)
     with connect(url) as conn:
         set_preferences_bulk(conn, work.users + sample.users)
@@ -205,30 +195,65 @@ def _run(
 
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.ingest_topics())
-    if processes > 1:
-        seconds = measure_ingest_processes(settings, f"bench-ingest-{run_id}", topics.events, work, processes)
-        rate = events / seconds
-        inserted = work.distinct  # checked against the database by verify() below
-        say(
-            f"ingest: {events:,} records in {seconds:.2f} s = {rate:,.0f} events/s with {processes} "
-            f"`herald ingest` processes (from the first record produced to the last offset committed)"
-        )
-    else:
-        positions = produce(settings, topics.events, work.records)
-        ingest = measure_ingest(settings, f"bench-ingest-{run_id}", positions, events)
-        seconds, rate = ingest.seconds, events / ingest.seconds
-        t = ingest.totals
-        inserted = t.inserted
-        say(
-            f"ingest: {events:,} records in {ingest.seconds:.2f} s = {rate:,.0f} events/s "
-            f"(batch_size {settings.batch_size}, {settings.topic_partitions} partitions, group join "
-            f"{ingest.join_seconds:.1f} s excluded; inserted {t.inserted:,}, duplicates {t.duplicates:,}, "
-            f"invalid {t.invalid:,}, immediate {t.immediate:,}, digest {t.digest:,}, "
-            f"rate-limited {t.rate_limited:,})"
-        )
+    group = f"bench-ingest-{run_id}"
+    extra: dict[str, Any] = {}
+    with connect(url, autocommit=True) as conn:
+        meter = CpuMeter(settings, conn)
+        if rate is not None:
+            latency = measure_latency(settings, group, topics.events, work, rate, meter)
+            seconds, inserted = latency.seconds, latency.totals.inserted
+            extra = {
+                "rate": rate,
+                "p50_ms": latency.p50_ms,
+                "p99_ms": latency.p99_ms,
+                "max_ms": latency.max_ms,
+                "warmup_max_ms": latency.warmup_max_ms,
+            }
+            say(
+                f"ingest at a steady {rate:,.0f} records/s: {events:,} records in {seconds:.2f} s; record "
+                f"time to notification commit p50 {latency.p50_ms:.0f} ms, p99 {latency.p99_ms:.0f} ms, max "
+                f"{latency.max_ms:.0f} ms over {latency.counted:,} records (the first "
+                f"{WARMUP_MS / 1000:.0f} s after the join left out: max {latency.warmup_max_ms:.0f} ms); "
+                f"batch_size {settings.batch_size}, batch_time_ms {settings.batch_time_ms}"
+            )
+        elif processes > 1:
+            seconds = measure_ingest_processes(settings, group, topics.events, work, processes, meter)
+            inserted = work.distinct  # checked against the database by verify() below
+            say(
+                f"ingest: {events:,} records in {seconds:.2f} s = {events / seconds:,.0f} events/s with "
+                f"{processes} `herald ingest` processes (from the first record produced to the last "
+                "offset committed)"
+            )
+        else:
+            positions = produce(settings, topics.events, work.records)
+            ingest = measure_ingest(settings, group, positions, events, meter)
+            seconds = ingest.seconds
+            t = ingest.totals
+            inserted = t.inserted
+            say(
+                f"ingest: {events:,} records in {seconds:.2f} s = {events / seconds:,.0f} events/s "
+                f"(batch_size {settings.batch_size}, {settings.topic_partitions} partitions, group join "
+                f"{ingest.join_seconds:.1f} s excluded; inserted {t.inserted:,}, "
+                f"duplicates {t.duplicates:,}, invalid {t.invalid:,}, immediate {t.immediate:,}, "
+                f"digest {t.digest:,}, rate-limited {t.rate_limited:,})"
+            )
+        cpu = {k: None if v is None else round(1e6 * v / events, 1) for k, v in meter.read().items()}
+    events_per_s = events / seconds
+    shown = (f"{k} {'n/a (not on this machine)' if v is None else f'{v:.1f} µs'}" for k, v in cpu.items())
+    say("CPU per record: " + ", ".join(shown))
 
     with connect(url) as conn:
-        baseline = run_baseline(conn, settings, sample)
+        limit = run_write_limit(conn, settings, [v for _, v in bare.records], set(bare.users[::2]))
+    limit_ratio = events_per_s / limit.events_per_s
+    say(
+        f"write limit (the same kind of rows, bare: COPY, {settings.batch_size:,} records per durable "
+        f"commit, no Kafka, no parsing): {limit.records:,} records ({limit.notifications:,} notifications, "
+        f"{limit.deliveries:,} delivery rows) in {limit.seconds:.2f} s = "
+        f"{limit.events_per_s:,.0f} records/s; herald is {limit_ratio:.2f} of it"
+    )
+
+    with connect(url) as conn:
+        baseline = run_baseline(conn, settings, [v for _, v in sample.records])
     base_rate = baseline.events / baseline.seconds
     say(
         f"baseline (seed design: one transaction per event; values read from a Python list, not "
@@ -236,10 +261,10 @@ def _run(
         f"per event {1000 * baseline.seconds / baseline.events:.2f} ms, of which COMMIT "
         f"{1000 * baseline.commit_seconds / baseline.events:.2f} ms"
     )
-    ratio = rate / base_rate
+    ratio = events_per_s / base_rate
     say(f"ratio: {ratio:.1f}x")
 
-    problems = verify(url, work, baseline, sample)
+    problems = verify(url, work, baseline, sample, bare)
     for p in problems:
         progress(f"WARNING: {p}")
     if not problems:
@@ -250,9 +275,13 @@ def _run(
     result = {
         "events": events,
         "duplicates": work.duplicates,
-        "events_per_s": round(rate, 1),
+        "events_per_s": round(events_per_s, 1),
+        "limit_events_per_s": round(limit.events_per_s, 1),
+        "limit_ratio": round(limit_ratio, 4),
         "baseline_events_per_s": round(base_rate, 1),
         "ratio": round(ratio, 2),
+        **extra,
+        "cpu_us_per_event": cpu,
         "machine": machine,
         "batch_size": settings.batch_size,
         "partitions": settings.topic_partitions,
@@ -368,16 +397,24 @@ class _Counters:
 
 
 def measure_ingest(
-    settings: Settings, group: str, positions: Sequence[Position], events: int
+    settings: Settings,
+    group: str,
+    positions: Sequence[Position],
+    events: int,
+    meter: CpuMeter | None = None,
 ) -> IngestResult:
     """Step 5 of the module docstring, with progress lines on stderr."""
     run = ConsumerThread("ingest", lambda stopper: run_ingest(settings, group=group, stopper=stopper))
     watch = CommitWatch(settings, group, positions)
     before = _Counters.read()
+    if meter is not None:
+        meter.start()
     run.start()
     launched = run.launched
     try:
         first, end = _follow(run, watch, before, events, launched)
+        if meter is not None:
+            meter.stop()
     finally:
         run.stop()
         watch.close()
@@ -386,7 +423,7 @@ def measure_ingest(
 
 
 def measure_ingest_processes(
-    settings: Settings, group: str, topic: str, work: Workload, processes: int
+    settings: Settings, group: str, topic: str, work: Workload, processes: int, meter: CpuMeter
 ) -> float:
     """Scale-out: N ``herald ingest`` processes in one group, joined before the first record.
 
@@ -412,6 +449,7 @@ def measure_ingest_processes(
     ]
     try:
         wait_joined(settings, group, settings.session_timeout_ms / 1000 + 30)
+        meter.start(herald=[p.pid for p in procs])  # the ingest processes, not this producer
         started = time.perf_counter()
         positions = produce(settings, topic, work.records)
         watch = CommitWatch(settings, group, positions)
@@ -423,6 +461,7 @@ def measure_ingest_processes(
                 if time.perf_counter() > deadline:
                     raise BenchError("ingest processes did not commit every record in time")
                 time.sleep(0.05)
+            meter.stop()
             return time.perf_counter() - started
         finally:
             watch.close()
@@ -431,6 +470,68 @@ def measure_ingest_processes(
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(60)
+
+
+@dataclass
+class LatencyResult:
+    seconds: float
+    totals: BatchOutcome
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    counted: int  # records after the warm-up
+    warmup_max_ms: float
+
+
+def measure_latency(
+    settings: Settings, group: str, topic: str, work: Workload, rate: float, meter: CpuMeter
+) -> LatencyResult:
+    """``--rate``: ingest joined first, then the records produced at a steady ``rate``; each
+    record's delay runs from its timestamp (set when it is produced) to the wall-clock
+    moment the transaction that stored its notifications committed."""
+    delays: list[tuple[int, float]] = []  # (record time, ms to its commit)
+
+    def committed(prepared: Prepared, at: float) -> None:
+        msgs = {id(m): m for m in prepared.origin.values()}.values()
+        delays.extend((m.timestamp()[1], at * 1000 - m.timestamp()[1]) for m in msgs)
+
+    run = ConsumerThread(
+        "ingest", lambda stopper: run_ingest(settings, group=group, stopper=stopper, on_commit=committed)
+    )
+    run.start()
+    try:
+        wait_joined(settings, group, settings.session_timeout_ms / 1000 + 30)
+        meter.start()
+        started = time.perf_counter()
+        positions = produce_steadily(settings, topic, work.records, rate)
+        watch = CommitWatch(settings, group, positions)
+        try:
+            deadline = time.perf_counter() + 120
+            while not watch.done():
+                if not run.alive():
+                    raise BenchError("ingest stopped before the group committed the last offset")
+                if time.perf_counter() > deadline:
+                    raise BenchError("ingest did not commit every record within 120 s of the last one")
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+            meter.stop()
+        finally:
+            watch.close()
+    finally:
+        run.stop()
+    totals = run.result().handler.totals
+    if not delays:
+        raise BenchError("no batch committed")
+    first = min(t for t, _ in delays)
+    warm = sorted(d for t, d in delays if t >= first + WARMUP_MS) or sorted(d for _, d in delays)
+    cold = max((d for t, d in delays if t < first + WARMUP_MS), default=0.0)
+    return LatencyResult(
+        seconds, totals, _percentile(warm, 0.50), _percentile(warm, 0.99), warm[-1], len(warm), cold
+    )
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
 def _follow(
@@ -466,82 +567,12 @@ def _follow(
         time.sleep(0.05 if first is not None and c.records < events else 0.01)
 
 
-# -- the baseline: the seed article's one transaction per event -------------------------------
-
-
-def run_baseline(conn: Conn, settings: Settings, sample: Workload) -> BaselineResult:
-    """One connection, autocommit off, one commit per event; the same parse and policy as ingest."""
-    check_durability(conn)  # this very session, too
-    conn.commit()
-    defaults = Preferences.defaults(settings.policy)
-    source = settings.default_source
-    values = [v for _, v in sample.records]
-    inserted = 0
-    committing = 0.0
-    started = time.perf_counter()
-    next_line = started + 1.0
-    with conn.cursor() as cur:
-        for i, value in enumerate(values):
-            env = parse(value, max_bytes=settings.max_event_bytes)
-            for n in expand_all([env], policy=settings.policy, default_source=source, record_time=None):
-                inserted += _seed_event(cur, n, defaults, settings)
-            before_commit = time.perf_counter()
-            conn.commit()
-            now = time.perf_counter()
-            committing += now - before_commit
-            if now >= next_line:
-                next_line = now + 1.0
-                rate = (i + 1) / (now - started)
-                progress(f"baseline: {i + 1:,} / {len(values):,} events, {rate:,.0f} events/s")
-    return BaselineResult(len(values), time.perf_counter() - started, inserted, committing)
-
-
-def _seed_event(cur: Cursor, n: Notification, defaults: Preferences, settings: Settings) -> int:
-    """Preference upsert, insert-if-new, then per external delivery a rate-limit upsert and a queue row."""
-    row = cur.execute(_SEED_PREFS_SQL, (n.user_id,)).fetchone()
-    assert row is not None
-    cols = ("in_app", "email", "push", "webhook", "digest_minutes")
-    prefs = defaults.merged(dict(zip(cols, row, strict=True)))
-    got = cur.execute(
-        _SEED_INSERT_SQL,
-        (
-            n.id,
-            n.user_id,
-            n.source,
-            n.type,
-            n.category,
-            n.severity,
-            n.title,
-            n.body,
-            n.summary,
-            n.target_url,
-            None if n.data is None else json.dumps(n.data),
-            n.sensitive,
-            n.idempotency_key,
-            n.batch_key,
-            not prefs.in_app,
-            n.occurred_at,
-        ),
-    ).fetchone()
-    if got is None or got[0] == 0:
-        return 0  # a duplicate: no delivery task (the seed's rule)
-    for d in policy.plan(n, prefs):
-        window = policy.rate_window(n.occurred_at)
-        counted = cur.execute(_SEED_RATE_SQL, (n.user_id, d.channel, window)).fetchone()
-        over = counted is not None and counted[0] > settings.policy.rate_limit(d.channel)
-        route, reason = d.route, d.reason
-        if route == policy.IMMEDIATE and over:
-            route, reason = policy.DIGEST, policy.REASON_RATE_LIMITED
-        run_after = n.occurred_at + timedelta(minutes=prefs.digest_minutes if route == policy.DIGEST else 0)
-        cur.execute(_SEED_QUEUE_SQL, (n.id, n.user_id, d.channel, route, reason, run_after))
-    return 1
-
-
 # -- the end state ----------------------------------------------------------------------------
 
 
-def verify(url: str, work: Workload, baseline: BaselineResult, sample: Workload) -> list[str]:
-    """Exactly one notification per distinct key, and the outbox fully drained."""
+def verify(url: str, work: Workload, baseline: BaselineResult, sample: Workload, bare: Workload) -> list[str]:
+    """Exactly one notification per distinct key, the outbox fully drained, and the write
+    limit wrote one notification per distinct record of its own workload."""
     problems = []
     with connect(url, autocommit=True) as conn:
         stored = _count(conn, "SELECT count(*) FROM notifications WHERE user_id = ANY(%s)", work.users)
@@ -551,8 +582,11 @@ def verify(url: str, work: Workload, baseline: BaselineResult, sample: Workload)
             work.users,
         )
         seed_stored = _count(conn, "SELECT count(*) FROM notifications WHERE user_id = ANY(%s)", sample.users)
+        bare_stored = _count(conn, "SELECT count(*) FROM notifications WHERE user_id = ANY(%s)", bare.users)
     if stored != work.distinct:
         problems.append(f"ingest stored {stored:,} notifications, expected {work.distinct:,} distinct keys")
+    if bare_stored != bare.distinct:
+        problems.append(f"the write limit stored {bare_stored:,} notifications, expected {bare.distinct:,}")
     if unpublished:
         problems.append(f"{unpublished:,} delivery rows of this run were never marked published")
     if not baseline.inserted == seed_stored == sample.distinct:
