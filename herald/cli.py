@@ -602,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-s", type=float, metavar="S", help="grace after a window's end (default 2; lag excludes it)"
     )
     s.set_defaults(func=cmd_bench)
+
+    from herald.ops import add_parsers
+
+    add_parsers(sub)
     return p
 
 
