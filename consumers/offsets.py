@@ -100,13 +100,18 @@ class Kafka:
         self.close()
 
     def _unreachable(self, exc: BaseException) -> BrokerUnavailable:
-        return BrokerUnavailable(f"the broker at {self.settings.kafka_bootstrap} did not answer: {exc}")
+        why = str(exc) or f"no answer in {self.timeout:.0f}s"
+        return BrokerUnavailable(f"the broker at {self.settings.kafka_bootstrap} is unreachable: {why}")
 
     def partitions(self, topic: str) -> list[int]:
-        """The topic's partitions; ``ConfigError`` when the topic does not exist."""
+        """The topic's partitions; ``ConfigError`` when the topic does not exist.
+
+        From the list of all topics: a metadata request naming a topic creates it on a
+        broker with auto-creation on (the embedded broker does so).
+        """
         try:
-            meta = self.admin.list_topics(topic, timeout=self.timeout).topics.get(topic)
-        except KafkaException as exc:
+            meta = self.admin.list_topics(timeout=self.timeout).topics.get(topic)
+        except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         if meta is None or meta.error is not None or not meta.partitions:
             raise ConfigError(f"unknown topic {topic!r} at {self.settings.kafka_bootstrap}")
@@ -115,13 +120,13 @@ class Kafka:
     def topics(self) -> list[str]:
         try:
             return sorted(self.admin.list_topics(timeout=self.timeout).topics)
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
     def groups(self) -> list[str]:
         try:
             found = self.admin.list_consumer_groups(request_timeout=self.timeout).result(self.timeout)
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         return sorted(g.group_id for g in found.valid)
 
@@ -131,7 +136,7 @@ class Kafka:
             desc = self.admin.describe_consumer_groups([group], request_timeout=self.timeout)[group]
             state: ConsumerGroupState = desc.result(self.timeout).state
             return state
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
     def require_group(self, group: str) -> None:
@@ -146,7 +151,7 @@ class Kafka:
                 [ConsumerGroupTopicPartitions(group)], request_timeout=self.timeout
             )[group]
             tps = fut.result(self.timeout).topic_partitions or []
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         return {(tp.topic, tp.partition): tp.offset for tp in tps if tp.offset >= 0}
 
@@ -155,7 +160,7 @@ class Kafka:
             low, high = self.reader.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=self.timeout, cached=False
             )
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         return int(low), int(high)
 
@@ -181,7 +186,7 @@ class Kafka:
             self.admin.alter_consumer_group_offsets([request], request_timeout=self.timeout)[group].result(
                 self.timeout
             )
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise BrokerUnavailable(f"could not reset the offsets of {group}: {exc}") from exc
 
 
@@ -308,7 +313,7 @@ def first_at_or_after(k: Kafka, topic: str, partition: int, ts_ms: int) -> int:
     try:
         got = k.reader.offsets_for_times([TopicPartition(topic, partition, ts_ms)], timeout=k.timeout)
         answer = got[0].offset
-    except KafkaException as exc:
+    except (KafkaException, TimeoutError) as exc:
         raise k._unreachable(exc) from exc
     answer = end if answer < 0 else answer
 
@@ -318,7 +323,7 @@ def first_at_or_after(k: Kafka, topic: str, partition: int, ts_ms: int) -> int:
 
     if _answer_holds(ts_at, low, end, answer, ts_ms):
         return answer
-    log.info("%s[%d]: the broker's offsets_for_times was wrong; searching by timestamps", topic, partition)
+    log.debug("%s[%d]: the broker's offsets_for_times was wrong; searching by timestamps", topic, partition)
     lo, hi = low, end
     while lo < hi:
         mid = (lo + hi) // 2
@@ -353,9 +358,12 @@ def plan_replay(
         resets = []
         for topic in topics:
             for p in k.partitions(topic):
+                current = committed.get((topic, p))
                 new = first_at_or_after(k, topic, p, ts_ms)
+                if current is not None:
+                    new = min(new, current)  # a replay reads again; it never skips unread records
                 _, end = k.watermarks(topic, p)
-                resets.append(Reset(topic, p, committed.get((topic, p)), new, end))
+                resets.append(Reset(topic, p, current, new, end))
     return resets, state
 
 

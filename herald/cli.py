@@ -624,7 +624,9 @@ def _one_line(exc: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from herald.ops import normalize_argv
+
+    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings(args.config)
     except ValidationError as exc:

@@ -10,15 +10,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from config.settings import Settings
 from core.errors import ConfigError, HeraldError
 from herald.produce import ProgressBar
+from producers.publisher import KAFKA_LOG
+
+Command = Callable[[argparse.Namespace, Settings], int]
 
 SETTINGS_NOTE = "Settings come from HERALD_* (`set -a; . .herald/dev.env` for herald dev)."
+
+
+_RELATIVE_ARG = re.compile(r"^-[1-9][0-9]*[smhd]$")
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """``--from -2h`` as ``--from=-2h``: argparse would take ``-2h`` for an option."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] == "--from" and i + 1 < len(args) and _RELATIVE_ARG.match(args[i + 1]):
+            out.append(f"--from={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
 
 
 def confirm(question: str, yes: bool) -> bool:
@@ -50,7 +74,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     when = parse_time(args.from_)
     resets, state = plan_replay(settings, args.group, args.topic, when)
-    print(f"group {args.group} ({state.name}), from {when.isoformat()}")
+    print(f"group {args.group} ({state.name}), from {when.isoformat(timespec='seconds')}")
     rows = [["topic", "partition", "current", "->", "new", "end", "re-read"]]
     for r in resets:
         current = "-" if r.current is None else str(r.current)
@@ -283,6 +307,17 @@ def _change_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
+def _quiet(cmd: Command) -> Command:
+    """librdkafka logs every failed connection attempt; an operator command says it once."""
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            KAFKA_LOG.setLevel(logging.CRITICAL)
+        return cmd(args, settings)
+
+    return run
+
+
 def add_parsers(sub: Any) -> None:
     """Register the operator commands on ``herald``'s subparsers."""
     s = sub.add_parser(
@@ -304,7 +339,7 @@ def add_parsers(sub: Any) -> None:
         help="RFC 3339 (2026-11-25T09:00:00Z) or back from now (-90s, -30m, -2h, -1d)",
     )
     _change_flags(s)
-    s.set_defaults(func=cmd_replay)
+    s.set_defaults(func=_quiet(cmd_replay))
 
     s = sub.add_parser(
         "dlq", help="inspect a dead-letter topic: counts by reason and origin, or one record decoded"
@@ -321,7 +356,7 @@ def add_parsers(sub: Any) -> None:
     ds.add_argument("--offset", type=int, required=True, metavar="N")
     ds.add_argument("--partition", type=int, default=0, metavar="P", help="default 0")
     ds.add_argument("--payload", action="store_true", help="print the record's value too (may be private)")
-    s.set_defaults(func=cmd_dlq)
+    s.set_defaults(func=_quiet(cmd_dlq))
 
     s = sub.add_parser(
         "redrive",
@@ -344,7 +379,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--limit", type=int, metavar="N", help="move at most N records (oldest first)")
     s.add_argument("--chunk", type=int, default=200, metavar="N", help=argparse.SUPPRESS)
     _change_flags(s)
-    s.set_defaults(func=cmd_redrive)
+    s.set_defaults(func=_quiet(cmd_redrive))
 
     s = sub.add_parser(
         "lag",
@@ -360,7 +395,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help='a list of {"group","topic","partition","committed","end","lag","lag_seconds"}',
     )
-    s.set_defaults(func=cmd_lag)
+    s.set_defaults(func=_quiet(cmd_lag))
 
     s = sub.add_parser(
         "purge",
@@ -373,7 +408,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 36h")
     s.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per transaction")
     _change_flags(s)
-    s.set_defaults(func=cmd_purge)
+    s.set_defaults(func=_quiet(cmd_purge))
 
     s = sub.add_parser(
         "forget",
@@ -385,4 +420,4 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("user")
     s.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per transaction")
     _change_flags(s)
-    s.set_defaults(func=cmd_forget)
+    s.set_defaults(func=_quiet(cmd_forget))
