@@ -34,7 +34,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from config.settings import Settings
-from consumers.reading import headers_of
+from consumers.reading import Record, headers_of
 from core.errors import BrokerUnavailable, ConfigError
 from producers.publisher import KAFKA_LOG
 from producers.topics import Topics
@@ -164,8 +164,8 @@ class Kafka:
             raise self._unreachable(exc) from exc
         return int(low), int(high)
 
-    def read_at(self, topic: str, partition: int, offset: int) -> tuple[int, int, dict[str, bytes]] | None:
-        """(offset, timestamp ms, headers) of the first record at or after ``offset``, or None."""
+    def read_at(self, topic: str, partition: int, offset: int) -> Record | None:
+        """The first record at or after ``offset`` (None when none comes within the timeout)."""
         self.reader.assign([TopicPartition(topic, partition, offset)])
         deadline = time.monotonic() + self.timeout
         try:
@@ -175,7 +175,15 @@ class Kafka:
                     if m is not None:
                         log.debug("read %s[%d]@%d: %s", topic, partition, offset, m.error())
                     continue
-                return int(m.offset() or 0), int(m.timestamp()[1]), headers_of(m)
+                return Record(
+                    topic,
+                    partition,
+                    int(m.offset() or 0),
+                    m.key(),
+                    m.value(),
+                    headers_of(m),
+                    int(m.timestamp()[1]),
+                )
             return None
         finally:
             self.reader.unassign()
@@ -238,7 +246,7 @@ def partition_lag(
     if lag:
         first = k.read_at(topic, partition, max(start, low))
         if first is not None:
-            seconds = max(0.0, (now_ms - due_ms(first[1], first[2])) / 1000)
+            seconds = max(0.0, (now_ms - due_ms(first.timestamp_ms, first.headers)) / 1000)
     return Lag(group, topic, partition, committed, end, lag, round(seconds, 3))
 
 
@@ -319,7 +327,7 @@ def first_at_or_after(k: Kafka, topic: str, partition: int, ts_ms: int) -> int:
 
     def ts_at(offset: int) -> int | None:
         rec = k.read_at(topic, partition, offset)
-        return None if rec is None else rec[1]
+        return None if rec is None else rec.timestamp_ms
 
     if _answer_holds(ts_at, low, end, answer, ts_ms):
         return answer

@@ -110,10 +110,11 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
         if args.dlq_command == "show":
             if args.partition not in partitions:
                 raise ConfigError(f"{args.topic} has partitions {partitions}, not {args.partition}")
-            found = read_topic(settings, args.topic, start={args.partition: args.offset})
-            rec = next((r for r in found if r.partition == args.partition and r.offset == args.offset), None)
-            if rec is None:
-                raise ConfigError(f"no record at {args.topic}[{args.partition}]@{args.offset}")
+            low, high = k.watermarks(args.topic, args.partition)
+            where = f"{args.topic}[{args.partition}]@{args.offset}"
+            rec = k.read_at(args.topic, args.partition, args.offset) if low <= args.offset < high else None
+            if rec is None or rec.offset != args.offset:
+                raise ConfigError(f"no record at {where} (the partition holds offsets {low} to {high - 1})")
             out: dict[str, Any] = {
                 "topic": rec.topic,
                 "partition": rec.partition,
