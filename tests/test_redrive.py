@@ -5,6 +5,7 @@ budget again, a sent one never again, and a dropped value skipped."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -137,7 +138,7 @@ def test_sigkill_in_the_middle_of_a_redrive_moves_nothing_twice(db: Conn, settin
         [sys.executable, "-m", "herald.cli", "redrive", "--dlq", dlq, "--yes", "--chunk", "5"],
         cwd=ROOT,
         env={
-            **{k: v for k, v in __import__("os").environ.items() if not k.startswith("HERALD_")},
+            **{k: v for k, v in os.environ.items() if not k.startswith("HERALD_")},
             **cli_env(settings),
         },
         stdout=subprocess.DEVNULL,
