@@ -187,3 +187,24 @@ def test_forget_erases_one_user_everywhere_and_no_one_else(db: Conn, settings: S
     assert counts(db, "bob") == bob, "another user's rows are left alone"
     nothing = run(settings, "forget", "alice", "--yes")
     assert nothing.returncode == 0 and "0 notifications" in nothing.stdout
+
+
+def test_dead_letter_topics_are_created_with_the_retention_setting(settings: Settings) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from producers.topics import Topics, ensure_topics
+
+    s = settings.model_copy(update={"dlq_retention_days": 2.5})
+    topics = Topics(s.topic_prefix)
+    ensure_topics(s, [topics.events, topics.events_dlq, topics.deliveries_dlq("webhook")])
+    admin = AdminClient(s.kafka_client_config())
+    for name, want in (
+        (topics.events_dlq, str(int(2.5 * 86_400_000))),
+        (topics.deliveries_dlq("webhook"), str(int(2.5 * 86_400_000))),
+    ):
+        res = ConfigResource(ConfigResource.Type.TOPIC, name)
+        got = admin.describe_configs([res])[res].result(10)
+        assert got["retention.ms"].value == want
+    res = ConfigResource(ConfigResource.Type.TOPIC, topics.events)
+    events = admin.describe_configs([res])[res].result(10)
+    assert "retention.ms" not in events or events["retention.ms"].value != str(int(2.5 * 86_400_000))
