@@ -228,6 +228,8 @@ def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps([r.as_json() for r in rows]))
         return 0
+    # The table leaves out partitions that never held a record and were never committed.
+    rows = [r for r in rows if r.committed is not None or r.end > 0]
     if not rows:
         print("no consumer groups with offsets on herald's topics")
         return 0
@@ -387,7 +389,8 @@ def add_parsers(sub: Any) -> None:
         help="per group, topic and partition: committed and end offsets, lag in records and seconds",
         description="Lag in records (end - committed) and in seconds (the age of the oldest unread "
         "record; on a retry topic counted from its due time; 0 when caught up). Without --group: "
-        "every group with offsets on herald's topics.",
+        "every group with offsets on herald's topics. The table leaves out partitions that are "
+        "empty and were never committed; --json lists every partition.",
         epilog=SETTINGS_NOTE,
     )
     s.add_argument("--group", action="append", metavar="G", help="only this group (repeatable)")
