@@ -117,12 +117,12 @@ class Work:
     attempt: int
     targets: list[Endpoint]
     settled: dict[int, str]  # endpoint id -> outcome, from earlier tries
-    budget_base: int = 0  # tries before the last redrive: not counted against max_attempts
     results: dict[int, SendResult] = field(default_factory=dict)
     attempts: list[store.Attempt] = field(default_factory=list)
     # Endpoints not tried because their host's circuit is open -> seconds until it may be.
     held: dict[int, float] = field(default_factory=dict)
     cancelled: bool = False
+    budget_base: int = 0  # tries before the last redrive: not counted against max_attempts
 
 
 @dataclass

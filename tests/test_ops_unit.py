@@ -130,3 +130,20 @@ def test_the_brokers_time_answer_is_checked_against_the_records() -> None:
 
 def _record(headers: dict[str, bytes]) -> Record:
     return Record("herald.deliveries.webhook.dlq", 1, 42, b"k", b"v", headers, 0)
+
+
+def test_a_redriven_delivery_counts_its_budget_from_the_redrive() -> None:
+    import uuid
+
+    from channels.base import Endpoint, SendResult
+    from consumers.deliver import Item, Work, settle
+
+    def work(attempt: int, base: int) -> Work:
+        item = Item(None, "t", 0, 0, {}, uuid.uuid4(), attempt - 1, 0)  # type: ignore[arg-type]
+        endpoint = Endpoint(1, "u", "http://x", "whsec_x")
+        return Work(item, attempt, [endpoint], {}, {1: SendResult("transient", 503)}, budget_base=base)
+
+    assert settle(work(3, 0), 3).reason == "exhausted"
+    assert settle(work(4, 3), 3).status == "retrying", "tries before the redrive do not count"
+    assert settle(work(5, 3), 3).status == "retrying"
+    assert settle(work(6, 3), 3).reason == "exhausted", "the whole budget again, then no more"
