@@ -248,51 +248,63 @@ def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.offsets import parse_time
-    from storage.db import Database
     from storage.retention import purge
 
     age = args.older_than.strip()
+    wrong = ConfigError(f"--older-than {age!r}: give an age such as 90d, 36h or 45m")
     if age.startswith("-"):
-        raise ConfigError(f"--older-than {age!r}: give an age such as 90d, 36h or 45m")
+        raise wrong
     try:
         cutoff = parse_time(f"-{age}")
     except ConfigError as exc:
-        raise ConfigError(f"--older-than {age!r}: give an age such as 90d, 36h or 45m") from exc
-    db = Database.from_settings(settings)
-    try:
-        counts = purge(db, cutoff, batch=args.batch_size, dry_run=True)
-        print(f"older than {cutoff.isoformat(timespec='seconds')}: " + _counts(counts))
-        if args.dry_run:
-            print("dry run: nothing changed")
-            return 0
-        if not any(counts.values()):
-            return 0
-        if not confirm("Delete them?", args.yes):
-            print("nothing changed")
-            return 1
-        print("deleted: " + _counts(purge(db, cutoff, batch=args.batch_size)))
-    finally:
-        db.close()
-    return 0
+        raise wrong from exc
+    return _count_then_delete(
+        settings,
+        args,
+        f"older than {cutoff.isoformat(timespec='seconds')}",
+        lambda db, dry: purge(db, cutoff, batch=args.batch_size, dry_run=dry),
+        "Delete them?",
+        "deleted",
+    )
 
 
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.db import Database
     from storage.retention import forget
+
+    return _count_then_delete(
+        settings,
+        args,
+        f"user {args.user}",
+        lambda db, dry: forget(db, args.user, batch=args.batch_size, dry_run=dry),
+        f"Erase everything herald keeps about {args.user}?",
+        "removed",
+    )
+
+
+def _count_then_delete(
+    settings: Settings,
+    args: argparse.Namespace,
+    what: str,
+    delete: Callable[[Any, bool], dict[str, int]],
+    question: str,
+    done: str,
+) -> int:
+    """Count (a dry run of ``delete``), print, ask, then delete in batches and print what went."""
+    from storage.db import Database
 
     db = Database.from_settings(settings)
     try:
-        counts = forget(db, args.user, dry_run=True)
-        print(f"user {args.user}: " + _counts(counts))
+        counts = delete(db, True)
+        print(f"{what}: " + _counts(counts))
         if args.dry_run:
             print("dry run: nothing changed")
             return 0
         if not any(counts.values()):
             return 0
-        if not confirm(f"Erase everything herald keeps about {args.user}?", args.yes):
+        if not confirm(question, args.yes):
             print("nothing changed")
             return 1
-        print("removed: " + _counts(forget(db, args.user, batch=args.batch_size)))
+        print(f"{done}: " + _counts(delete(db, False)))
     finally:
         db.close()
     return 0

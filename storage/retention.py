@@ -14,60 +14,24 @@ from typing import Any
 
 from storage.db import Database
 
-# Read or archived notifications created before the cutoff, their delivery rows and attempts.
-_PURGE_NOTIFICATIONS = """
-WITH n AS (
-    SELECT id FROM notifications
-    WHERE created_at < %(cutoff)s AND (read_at IS NOT NULL OR archived_at IS NOT NULL)
-    ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),
+# One batch of notifications (chosen by {pick}) with their delivery rows and attempts, and
+# (where {items}) the digest items that name them; counts in that order.
+_DELETE_NOTIFICATIONS = """
+WITH n AS ({pick}),
 d AS (SELECT id FROM deliveries WHERE notification_id IN (SELECT id FROM n)),
-a AS (DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1),
-dd AS (DELETE FROM deliveries WHERE id IN (SELECT id FROM d) RETURNING 1),
-nn AS (DELETE FROM notifications WHERE id IN (SELECT id FROM n) RETURNING 1)
-SELECT (SELECT count(*) FROM nn), (SELECT count(*) FROM dd), (SELECT count(*) FROM a)
-"""
-
-# Closed digest windows (sent or suppressed, settled) closed before the cutoff: their items,
-# their digest's delivery row (deliveries.id = window id) and its attempts.
-_PURGE_WINDOWS = """
-WITH w AS (
-    SELECT id FROM digest_windows
-    WHERE status <> 'open' AND settled_at IS NOT NULL AND closed_at < %(cutoff)s
-    ORDER BY closed_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),
-i AS (DELETE FROM digest_items WHERE window_id IN (SELECT id FROM w) RETURNING 1),
-a AS (DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT id FROM w) RETURNING 1),
-dd AS (DELETE FROM deliveries WHERE id IN (SELECT id FROM w) RETURNING 1),
-ww AS (DELETE FROM digest_windows WHERE id IN (SELECT id FROM w) RETURNING 1)
-SELECT (SELECT count(*) FROM ww), (SELECT count(*) FROM i), (SELECT count(*) FROM dd),
-       (SELECT count(*) FROM a)
-"""
-
-_COUNT_PURGE = """
-SELECT
-  (SELECT count(*) FROM notifications
-   WHERE created_at < %(cutoff)s AND (read_at IS NOT NULL OR archived_at IS NOT NULL)),
-  (SELECT count(*) FROM deliveries WHERE notification_id IN (
-     SELECT id FROM notifications
-     WHERE created_at < %(cutoff)s AND (read_at IS NOT NULL OR archived_at IS NOT NULL))),
-  (SELECT count(*) FROM digest_windows
-   WHERE status <> 'open' AND settled_at IS NOT NULL AND closed_at < %(cutoff)s)
-"""
-
-# One user's rows, a batch at a time: notifications (the inbox and the live stream read
-# these) with their delivery rows, then digest windows with items and digest deliveries.
-_FORGET_NOTIFICATIONS = """
-WITH n AS (SELECT id FROM notifications WHERE user_id = %(user)s LIMIT %(limit)s FOR UPDATE),
-d AS (SELECT id FROM deliveries WHERE notification_id IN (SELECT id FROM n)),
-i AS (DELETE FROM digest_items WHERE notification_id IN (SELECT id FROM n) RETURNING 1),
+i AS (DELETE FROM digest_items WHERE {items} AND notification_id IN (SELECT id FROM n) RETURNING 1),
 a AS (DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1),
 dd AS (DELETE FROM deliveries WHERE id IN (SELECT id FROM d) RETURNING 1),
 nn AS (DELETE FROM notifications WHERE id IN (SELECT id FROM n) RETURNING 1)
 SELECT (SELECT count(*) FROM nn), (SELECT count(*) FROM dd), (SELECT count(*) FROM a),
        (SELECT count(*) FROM i)
 """
+NOTIFICATION_KEYS = ("notifications", "deliveries", "delivery_attempts", "digest_items")
 
-_FORGET_WINDOWS = """
-WITH w AS (SELECT id FROM digest_windows WHERE user_id = %(user)s LIMIT %(limit)s FOR UPDATE),
+# One batch of digest windows (chosen by {pick}) with their items, their digest's delivery
+# row (deliveries.id = window id) and its attempts; counts in that order.
+_DELETE_WINDOWS = """
+WITH w AS ({pick}),
 i AS (DELETE FROM digest_items WHERE window_id IN (SELECT id FROM w) RETURNING 1),
 a AS (DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT id FROM w) RETURNING 1),
 dd AS (DELETE FROM deliveries WHERE id IN (SELECT id FROM w) RETURNING 1),
@@ -75,6 +39,38 @@ ww AS (DELETE FROM digest_windows WHERE id IN (SELECT id FROM w) RETURNING 1)
 SELECT (SELECT count(*) FROM ww), (SELECT count(*) FROM dd), (SELECT count(*) FROM a),
        (SELECT count(*) FROM i)
 """
+WINDOW_KEYS = ("digest_windows", "deliveries", "delivery_attempts", "digest_items")
+
+_DONE_BEFORE = "created_at < %(cutoff)s AND (read_at IS NOT NULL OR archived_at IS NOT NULL)"
+_CLOSED_BEFORE = "status <> 'open' AND settled_at IS NOT NULL AND closed_at < %(cutoff)s"
+# Purge: read or archived notifications created before the cutoff; closed, settled windows
+# closed before it. Oldest first, skipping rows another transaction holds.
+_PURGE_NOTIFICATIONS = _DELETE_NOTIFICATIONS.format(
+    pick=f"SELECT id FROM notifications WHERE {_DONE_BEFORE}"  # noqa: S608 (constants)
+    " ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+    items="false",  # a kept window keeps its items; old windows go by their own age
+)
+_PURGE_WINDOWS = _DELETE_WINDOWS.format(
+    pick=f"SELECT id FROM digest_windows WHERE {_CLOSED_BEFORE}"  # noqa: S608 (constants)
+    " ORDER BY closed_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+)
+_COUNT_PURGE = f"""
+SELECT
+  (SELECT count(*) FROM notifications WHERE {_DONE_BEFORE}),
+  (SELECT count(*) FROM deliveries WHERE notification_id IN (
+     SELECT id FROM notifications WHERE {_DONE_BEFORE})),
+  (SELECT count(*) FROM digest_windows WHERE {_CLOSED_BEFORE})
+"""  # noqa: S608 (constants)
+
+# Forget: one user's rows, a batch at a time: notifications (the inbox and the live stream
+# read these), then digest windows.
+_FORGET_NOTIFICATIONS = _DELETE_NOTIFICATIONS.format(
+    pick="SELECT id FROM notifications WHERE user_id = %(user)s LIMIT %(limit)s FOR UPDATE",
+    items="true",
+)
+_FORGET_WINDOWS = _DELETE_WINDOWS.format(
+    pick="SELECT id FROM digest_windows WHERE user_id = %(user)s LIMIT %(limit)s FOR UPDATE"
+)
 
 # Delivery rows of the user no notification or window leads to any more (one scan, once).
 _FORGET_ORPHANS = """
@@ -139,14 +135,8 @@ def purge(db: Database, cutoff: datetime, batch: int = 1000, dry_run: bool = Fal
         n, d, w = (int(str(v)) for v in row)
         return {"notifications": n, "deliveries": d, "digest_windows": w}
     total: Counter[str] = Counter()
-    _batches(db, _PURGE_NOTIFICATIONS, params, ("notifications", "deliveries", "delivery_attempts"), total)
-    _batches(
-        db,
-        _PURGE_WINDOWS,
-        params,
-        ("digest_windows", "digest_items", "deliveries", "delivery_attempts"),
-        total,
-    )
+    _batches(db, _PURGE_NOTIFICATIONS, params, NOTIFICATION_KEYS, total)
+    _batches(db, _PURGE_WINDOWS, params, WINDOW_KEYS, total)
     return {
         k: total[k]
         for k in ("notifications", "deliveries", "delivery_attempts", "digest_windows", "digest_items")
@@ -161,20 +151,8 @@ def forget(db: Database, user_id: str, batch: int = 1000, dry_run: bool = False)
             row = cur.execute(_COUNT_FORGET, params).fetchone() or (0,) * len(FORGET_KEYS)
         return {k: int(str(v)) for k, v in zip(FORGET_KEYS, row, strict=True)}
     total: Counter[str] = Counter()
-    _batches(
-        db,
-        _FORGET_NOTIFICATIONS,
-        params,
-        ("notifications", "deliveries", "delivery_attempts", "digest_items"),
-        total,
-    )
-    _batches(
-        db,
-        _FORGET_WINDOWS,
-        params,
-        ("digest_windows", "deliveries", "delivery_attempts", "digest_items"),
-        total,
-    )
+    _batches(db, _FORGET_NOTIFICATIONS, params, NOTIFICATION_KEYS, total)
+    _batches(db, _FORGET_WINDOWS, params, WINDOW_KEYS, total)
     with db.transaction() as cur:
         row = cur.execute(_FORGET_ORPHANS, params).fetchone() or (0, 0)
         total.update({"deliveries": row[0], "delivery_attempts": row[1]})
