@@ -39,6 +39,7 @@ from consumers.deliver import H_ATTEMPTS, H_DELIVERY_ID, RETRY_HEADERS
 from consumers.dlq import DLT_HEADERS, H_REASON, H_TOPIC, decode_headers
 from consumers.offsets import Kafka, first_at_or_after
 from consumers.reading import Record, read_topic
+from core.errors import HeraldError
 from producers.publisher import H_VALUE_DROPPED, Headers, KafkaPublisher, OutRecord
 from producers.topics import Topics
 from storage import redrives as store
@@ -189,6 +190,10 @@ class Report:
 Progress = Callable[[int], None]
 
 
+class RedriveBusy(HeraldError):
+    """Another redrive of the same DLQ holds its lock."""
+
+
 class Redrive:
     """One ``herald redrive --dlq TOPIC`` run (see the module docstring for its order)."""
 
@@ -221,6 +226,13 @@ class Redrive:
                 continue
             chosen.append(rec)
         return chosen, report
+
+    def lock(self) -> None:
+        """One redrive of a DLQ at a time: a second one would take the first's pending rows
+        for a crashed run's and produce them again."""
+        with self.db.transaction() as cur:
+            if not store.lock(cur, self.dlq):
+                raise RedriveBusy(f"another herald redrive of {self.dlq} is running; wait for it to finish")
 
     def preview(self, records: Sequence[Record]) -> list[Line]:
         """What ``run`` would do with ``records`` (a dry run)."""

@@ -178,6 +178,7 @@ def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
     try:
         run = Redrive(settings, db, args.dlq, chunk=args.chunk)
         if not args.dry_run:
+            run.lock()
             recovered = run.recover()
             if recovered:
                 print(f"finished {len(recovered)} record(s) a stopped redrive had taken:")

@@ -51,6 +51,16 @@ WHERE dlq_topic = %s AND status = 'pending'
 """
 
 
+# One redrive per DLQ topic at a time: a session lock, held until the connection closes.
+_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('herald-redrive:' || %s, 0))"
+
+
+def lock(cur: Cursor, dlq_topic: str) -> bool:
+    """Take the DLQ topic's redrive lock for this session; False when another session has it."""
+    row = cur.execute(_LOCK_SQL, (dlq_topic,)).fetchone()
+    return bool(row and row[0])
+
+
 @dataclass(frozen=True, slots=True)
 class Taken:
     partition: int

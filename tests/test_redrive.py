@@ -196,6 +196,14 @@ def test_a_crash_between_produce_and_record_is_found_not_moved_again(
         d.close()
     assert taken(db, dlq) == [("pending", 6)] and len(tags(settings, topics.events)) == 3
 
+    # While another redrive of this DLQ runs (it holds the lock), a second one is refused:
+    # it would take the first one's pending rows for a crashed run's.
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtextextended('herald-redrive:' || %s, 0))", (dlq,))
+        busy = run(settings, "redrive", "--dlq", dlq, "--yes")
+    assert busy.returncode == 1 and f"another herald redrive of {dlq} is running" in busy.stderr
+    assert taken(db, dlq) == [("pending", 6)]
+
     finish = run(settings, "redrive", "--dlq", dlq, "--yes")
     assert finish.returncode == 0, finish.stderr
     assert "finished 6 record(s) a stopped redrive had taken:" in finish.stdout
