@@ -432,6 +432,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "herald"
     topic_partitions: int = Field(default=6, ge=1)
     topic_replication: int = Field(default=1, ge=1)
+    # Dead-letter topics herald creates keep records this long (retention.ms): the events DLQ
+    # holds what upstream sent, private content included. Existing topics are left as they are.
+    dlq_retention_days: float = Field(default=14.0, gt=0)
 
     batch_size: int = Field(default=2000, ge=1)
     # A partly filled batch waits at most this long: half of it is the median record's delay

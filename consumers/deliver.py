@@ -122,6 +122,7 @@ class Work:
     # Endpoints not tried because their host's circuit is open -> seconds until it may be.
     held: dict[int, float] = field(default_factory=dict)
     cancelled: bool = False
+    budget_base: int = 0  # tries before the last redrive: not counted against max_attempts
 
 
 @dataclass
@@ -168,7 +169,7 @@ def settle(work: Work, max_attempts: int) -> Verdict:
         return Verdict("skipped", "no_endpoint", None)
     transient = [r for r in work.results.values() if r.outcome == "transient"]
     if transient:
-        if work.attempt < max_attempts:
+        if work.attempt - work.budget_base < max_attempts:
             waits = [r.retry_after_s for r in transient if r.retry_after_s is not None]
             return Verdict("retrying", None, error, max(waits) if waits else None)
         return Verdict("failed", "exhausted", error)
@@ -423,7 +424,8 @@ class DeliverHandler:
                 for e in found.get(str(item.payload["user_id"]), [])
                 if e.id not in settled
             ]
-            w = Work(item, item.attempts_before + 1, targets, settled)
+            row = rows[item.delivery_id]
+            w = Work(item, item.attempts_before + 1, targets, settled, budget_base=row.budget_base)
             batch.work.append(w)
             self._in_hand[item.delivery_id] = w
             self._holds.setdefault(item.tp, set()).add(item.offset)

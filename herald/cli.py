@@ -613,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-s", type=float, metavar="S", help="grace after a window's end (default 2; lag excludes it)"
     )
     s.set_defaults(func=cmd_bench)
+
+    from herald.ops import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -631,7 +635,9 @@ def _one_line(exc: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from herald.ops import normalize_argv
+
+    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings(args.config)
     except ValidationError as exc:

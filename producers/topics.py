@@ -55,6 +55,13 @@ class Topics:
         return out
 
 
+def topic_config(settings: Settings, name: str) -> dict[str, str]:
+    """Per-topic settings at creation: dead-letter topics get ``HERALD_DLQ_RETENTION_DAYS``."""
+    if name.endswith(".dlq"):
+        return {"retention.ms": str(int(settings.dlq_retention_days * 86_400_000))}
+    return {}
+
+
 def ensure_topics(settings: Settings, names: Iterable[str], timeout: float = 30.0) -> list[str]:
     """Create missing topics with the configured partitions and replication.
 
@@ -69,7 +76,12 @@ def ensure_topics(settings: Settings, names: Iterable[str], timeout: float = 30.
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(t, settings.topic_partitions, settings.topic_replication) for t in missing],
+        [
+            NewTopic(
+                t, settings.topic_partitions, settings.topic_replication, config=topic_config(settings, t)
+            )
+            for t in missing
+        ],
         operation_timeout=timeout,
         request_timeout=timeout,
     )

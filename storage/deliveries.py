@@ -38,10 +38,11 @@ class RowState:
     attempts: int
     lease_until: datetime | None
     now: datetime
+    budget_base: int = 0  # attempts when last redriven: the budget counts the tries after it
 
 
 _STATE_SQL = """
-SELECT id, status, attempts, lease_until, now() FROM deliveries WHERE id = ANY(%b)
+SELECT id, status, attempts, lease_until, now(), budget_base FROM deliveries WHERE id = ANY(%b)
 """
 
 _CLAIM_SQL = """
@@ -69,10 +70,14 @@ SELECT id, user_id, address, secret FROM channel_endpoints
 WHERE user_id = ANY(%b) AND channel = %b AND disabled_at IS NULL ORDER BY id
 """
 
-# Endpoints already done with a delivery: accepted it, refused it for good, or gone.
+# Endpoints already done with a delivery: accepted it, refused it for good, or gone. A
+# refusal from before a redrive (attempt <= budget_base) no longer counts: the operator
+# redrove it because the endpoint was fixed. An acceptance always counts.
 _SETTLED_SQL = """
-SELECT delivery_id, endpoint_id, outcome FROM delivery_attempts
-WHERE delivery_id = ANY(%b) AND outcome <> 'transient'
+SELECT a.delivery_id, a.endpoint_id, a.outcome
+FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
+WHERE a.delivery_id = ANY(%b)
+  AND (a.outcome = 'ok' OR (a.outcome <> 'transient' AND a.attempt > d.budget_base))
 """
 
 _ATTEMPTS_SQL = """
@@ -107,7 +112,7 @@ UPDATE channel_endpoints SET disabled_at = now() WHERE id = ANY(%b) AND disabled
 
 def states(cur: Cursor, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RowState]:
     cur.execute(_STATE_SQL, (list(ids),))
-    return {r[0]: RowState(r[1], r[2], r[3], r[4]) for r in cur.fetchall()}
+    return {r[0]: RowState(r[1], r[2], r[3], r[4], r[5]) for r in cur.fetchall()}
 
 
 def claim(cur: Cursor, items: Sequence[tuple[uuid.UUID, int]], lease_s: float) -> set[uuid.UUID]:

@@ -1,0 +1,395 @@
+"""Consumer-group offsets for operators: lag per partition, and resets for a replay.
+
+``herald lag``, ``herald replay`` and (issue 16) ``herald lag-exporter`` use these. Every
+broker call is bounded by a timeout and every Kafka error becomes a ``HeraldError`` with
+one line to print.
+
+Two facts of the embedded broker (Tansu 0.6, DESIGN.md) shape the code, while the code
+stays right for Apache Kafka:
+
+- its ``offsets_for_times`` answers the low watermark whatever the time, so every answer
+  is checked against the records themselves (two reads on a correct broker) and, when
+  wrong, replaced by a binary search over the partition's record timestamps;
+- ``describe_consumer_groups`` answers ``EMPTY`` for a group that does not exist, so a
+  group is known when ``list_consumer_groups`` lists it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import (
+    ConsumerGroupState,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from config.settings import Settings
+from consumers.reading import Record, headers_of
+from core.errors import BrokerUnavailable, ConfigError
+from producers.publisher import KAFKA_LOG
+from producers.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# Spring's retry-topic due time (epoch ms as UTF-8): a record waiting for its tier is not late.
+H_DUE = "retry_topic-backoff-timestamp"
+ACTIVE_STATES = frozenset(
+    {
+        ConsumerGroupState.STABLE,
+        ConsumerGroupState.PREPARING_REBALANCING,
+        ConsumerGroupState.COMPLETING_REBALANCING,
+    }
+)
+_RELATIVE = re.compile(r"^-([1-9][0-9]*)(s|m|h|d)$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """RFC 3339 (``2026-11-25T09:00:00Z``) or relative to now (``-2h``, ``-30m``, ``-1d``)."""
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(text.strip())
+    if m:
+        return now - timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)])
+    try:
+        when = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ConfigError(
+            f"--from {text!r}: give an RFC 3339 time with its offset (2026-11-25T09:00:00Z) "
+            "or a time back from now (-90s, -30m, -2h, -1d)"
+        )
+    return when
+
+
+class Kafka:
+    """An admin client and a group-less reading consumer, closed together."""
+
+    def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        conf = settings.kafka_client_config()
+        self.admin = AdminClient(conf, logger=KAFKA_LOG)
+        self.reader = KafkaConsumer(
+            {
+                **conf,
+                "group.id": f"herald-ops-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            },
+            logger=KAFKA_LOG,
+        )
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> Kafka:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unreachable(self, exc: BaseException) -> BrokerUnavailable:
+        why = str(exc) or f"no answer in {self.timeout:.0f}s"
+        return BrokerUnavailable(f"the broker at {self.settings.kafka_bootstrap} is unreachable: {why}")
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions; ``ConfigError`` when the topic does not exist.
+
+        From the list of all topics: a metadata request naming a topic creates it on a
+        broker with auto-creation on (the embedded broker does so).
+        """
+        try:
+            meta = self.admin.list_topics(timeout=self.timeout).topics.get(topic)
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise ConfigError(f"unknown topic {topic!r} at {self.settings.kafka_bootstrap}")
+        return sorted(meta.partitions)
+
+    def topics(self) -> list[str]:
+        try:
+            return sorted(self.admin.list_topics(timeout=self.timeout).topics)
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+
+    def groups(self) -> list[str]:
+        try:
+            found = self.admin.list_consumer_groups(request_timeout=self.timeout).result(self.timeout)
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+        return sorted(g.group_id for g in found.valid)
+
+    def state(self, group: str) -> ConsumerGroupState:
+        """The group's state from describe (the listed state reads UNKNOWN on Tansu)."""
+        try:
+            desc = self.admin.describe_consumer_groups([group], request_timeout=self.timeout)[group]
+            state: ConsumerGroupState = desc.result(self.timeout).state
+            return state
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+
+    def require_group(self, group: str) -> None:
+        known = self.groups()
+        if group not in known:
+            raise ConfigError(f"unknown consumer group {group!r}; known: {', '.join(known) or 'none'}")
+
+    def committed(self, group: str) -> dict[tuple[str, int], int]:
+        """Every (topic, partition) -> committed offset the group has."""
+        try:
+            fut = self.admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group)], request_timeout=self.timeout
+            )[group]
+            tps = fut.result(self.timeout).topic_partitions or []
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+        return {(tp.topic, tp.partition): tp.offset for tp in tps if tp.offset >= 0}
+
+    def watermarks(self, topic: str, partition: int) -> tuple[int, int]:
+        try:
+            low, high = self.reader.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=self.timeout, cached=False
+            )
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+        return int(low), int(high)
+
+    def read_at(self, topic: str, partition: int, offset: int) -> Record | None:
+        """The first record at or after ``offset`` (None when none comes within the timeout)."""
+        self.reader.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                m = self.reader.poll(0.2)
+                if m is None or m.error() is not None:
+                    if m is not None:
+                        log.debug("read %s[%d]@%d: %s", topic, partition, offset, m.error())
+                    continue
+                return Record(
+                    topic,
+                    partition,
+                    int(m.offset() or 0),
+                    m.key(),
+                    m.value(),
+                    headers_of(m),
+                    int(m.timestamp()[1]),
+                )
+            return None
+        finally:
+            self.reader.unassign()
+
+    def alter(self, group: str, offsets: Sequence[tuple[str, int, int]]) -> None:
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p, o) for t, p, o in offsets])
+        try:
+            self.admin.alter_consumer_group_offsets([request], request_timeout=self.timeout)[group].result(
+                self.timeout
+            )
+        except (KafkaException, TimeoutError) as exc:
+            raise BrokerUnavailable(f"could not reset the offsets of {group}: {exc}") from exc
+
+
+# -- lag ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    group: str
+    topic: str
+    partition: int
+    committed: int | None  # None: nothing committed yet (the group starts at the earliest)
+    end: int
+    lag: int
+    lag_seconds: float
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "group": self.group,
+            "topic": self.topic,
+            "partition": self.partition,
+            "committed": self.committed,
+            "end": self.end,
+            "lag": self.lag,
+            "lag_seconds": self.lag_seconds,
+        }
+
+
+def due_ms(timestamp_ms: int, headers: dict[str, bytes]) -> int:
+    """When a record became late: its retry due time if it has one, else its timestamp."""
+    raw = headers.get(H_DUE)
+    if raw:
+        try:
+            return max(timestamp_ms, int(raw.decode()))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return timestamp_ms
+
+
+def partition_lag(
+    k: Kafka, group: str, topic: str, partition: int, committed: int | None, now_ms: int
+) -> Lag:
+    """Records between the committed offset and the end, and the age of the oldest of them
+    (from its due time on a retry topic): 0 seconds when caught up."""
+    low, end = k.watermarks(topic, partition)
+    start = committed if committed is not None else low
+    lag = max(0, end - max(start, low))
+    seconds = 0.0
+    if lag:
+        first = k.read_at(topic, partition, max(start, low))
+        if first is not None:
+            seconds = max(0.0, (now_ms - due_ms(first.timestamp_ms, first.headers)) / 1000)
+    return Lag(group, topic, partition, committed, end, lag, round(seconds, 3))
+
+
+def group_topics(settings: Settings, group: str) -> list[str]:
+    """The topics a herald group reads (DESIGN.md's names), for partitions it has not committed yet."""
+    topics = Topics(settings.topic_prefix)
+    if group == "herald-ingest":
+        return [topics.events]
+    if group == "herald-digest":
+        return [topics.digests_pending]
+    if group.startswith("herald-deliver-"):
+        return topics.channel_topics(group.removeprefix("herald-deliver-"), settings.delivery.retry_tiers)
+    return []
+
+
+def lag(settings: Settings, groups: Iterable[str] | None = None, timeout: float = 10.0) -> list[Lag]:
+    """Per group, topic and partition: committed, end, lag in records and in seconds.
+
+    Without ``groups``: every group with an offset on a topic under herald's prefix.
+    """
+    now_ms = int(time.time() * 1000)
+    prefix = settings.topic_prefix + "."
+    out: list[Lag] = []
+    with Kafka(settings, timeout) as k:
+        if groups is None:
+            names = k.groups()
+        else:
+            names = list(groups)
+            for g in names:
+                k.require_group(g)
+        existing = set(k.topics())
+        for group in names:
+            committed = k.committed(group)
+            keys = {tp for tp in committed if tp[0].startswith(prefix) or groups is not None}
+            for topic in group_topics(settings, group):
+                if topic in existing:
+                    keys |= {(topic, p) for p in k.partitions(topic)}
+            for topic, partition in sorted(keys):
+                at = committed.get((topic, partition))
+                out.append(partition_lag(k, group, topic, partition, at, now_ms))
+    return out
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    topic: str
+    partition: int
+    current: int | None
+    new: int
+    end: int
+
+    @property
+    def reread(self) -> int:
+        """Records read again (those past the current offset are read anyway)."""
+        current = self.end if self.current is None else self.current
+        return max(0, min(current, self.end) - self.new)
+
+
+def first_at_or_after(k: Kafka, topic: str, partition: int, ts_ms: int) -> int:
+    """The offset of the first record with timestamp >= ``ts_ms`` (the end when none).
+
+    Asks the broker (``offsets_for_times``), then checks the answer against the records:
+    the record there is late enough and the one before it is not. When the check fails
+    (the embedded broker's answer), a binary search over the record timestamps replaces it.
+    """
+    low, end = k.watermarks(topic, partition)
+    if low >= end:
+        return end
+    try:
+        got = k.reader.offsets_for_times([TopicPartition(topic, partition, ts_ms)], timeout=k.timeout)
+        answer = got[0].offset
+    except (KafkaException, TimeoutError) as exc:
+        raise k._unreachable(exc) from exc
+    answer = end if answer < 0 else answer
+
+    def ts_at(offset: int) -> int | None:
+        rec = k.read_at(topic, partition, offset)
+        return None if rec is None else rec.timestamp_ms
+
+    if _answer_holds(ts_at, low, end, answer, ts_ms):
+        return answer
+    log.debug("%s[%d]: the broker's offsets_for_times was wrong; searching by timestamps", topic, partition)
+    lo, hi = low, end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ts = ts_at(mid)
+        if ts is None or ts >= ts_ms:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _answer_holds(ts_at: Callable[[int], int | None], low: int, end: int, answer: int, ts_ms: int) -> bool:
+    if answer > low:
+        before = ts_at(answer - 1)
+        if before is None or before >= ts_ms:
+            return False
+    if answer < end:
+        here = ts_at(answer)
+        return here is not None and here >= ts_ms
+    return True
+
+
+def plan_replay(
+    settings: Settings, group: str, topics: Sequence[str], when: datetime, timeout: float = 10.0
+) -> tuple[list[Reset], ConsumerGroupState]:
+    """Where each partition of ``topics`` would start for ``group``, and the group's state."""
+    ts_ms = int(when.timestamp() * 1000)
+    with Kafka(settings, timeout) as k:
+        k.require_group(group)
+        state = k.state(group)
+        committed = k.committed(group)
+        resets = []
+        for topic in topics:
+            for p in k.partitions(topic):
+                current = committed.get((topic, p))
+                new = first_at_or_after(k, topic, p, ts_ms)
+                if current is not None:
+                    new = min(new, current)  # a replay reads again; it never skips unread records
+                _, end = k.watermarks(topic, p)
+                resets.append(Reset(topic, p, current, new, end))
+    return resets, state
+
+
+def is_active(state: ConsumerGroupState) -> bool:
+    return state in ACTIVE_STATES
+
+
+def apply_replay(settings: Settings, group: str, resets: Sequence[Reset], timeout: float = 10.0) -> None:
+    """Commit the new offsets for ``group``; refuses if it became active meanwhile."""
+    with Kafka(settings, timeout) as k:
+        state = k.state(group)
+        if is_active(state):
+            raise ConfigError(refusal(group, state))
+        k.alter(group, [(r.topic, r.partition, r.new) for r in resets])
+
+
+def refusal(group: str, state: ConsumerGroupState) -> str:
+    return (
+        f"group {group} is active ({state.name}): stop its consumers first "
+        "(the broker refuses offset changes for a group with members), then run this again"
+    )
