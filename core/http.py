@@ -8,7 +8,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from core.errors import ConfigError
 
@@ -40,7 +41,9 @@ class Health:
         return "ok" if self.ok() else "stalled"
 
 
-def serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:
+def serve(
+    host: str, port: int, health: Health, registry: CollectorRegistry = REGISTRY
+) -> ThreadingHTTPServer:
     """Start the server on a daemon thread; port 0 picks a free one (see server_port).
 
     A port that cannot be bound is a ``ConfigError`` naming the setting to change.
@@ -50,7 +53,7 @@ def serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 body = f"{health.status()}\n".encode()
                 self._reply(200 if health.ok() else 503, body, "text/plain")

@@ -43,6 +43,19 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.loop import Stopper
     from herald.processes import run_ingest
 
+    if args.workers < 1:
+        raise ConfigError("--workers must be 1 or more")
+    if args.workers > 1:
+        from herald.workers import run_workers
+
+        if args.max_messages is not None or args.timeout is not None:
+            raise ConfigError("--max-messages and --timeout apply to one process: not with --workers")
+        own = [
+            *(["--config", args.config] if args.config else []),
+            *(["--log-level", args.log_level] if args.log_level else []),
+        ]
+        return run_workers(settings, group=args.group, workers=args.workers, global_args=own)
+
     stopper = Stopper()
     stopper.install()
     run_ingest(
@@ -289,6 +302,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         users=args.users,
         processes=args.processes,
         rate=args.rate,
+        workers=args.workers,
     )
 
 
@@ -403,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group", default="herald-ingest", help="consumer group (default herald-ingest)")
     s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N consumers of the group in N child processes under this one, with one /metrics "
+        "(a worker label) and one /healthz: for hosts with cores to spare (default 1)",
+    )
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser(
@@ -541,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="N `herald ingest` processes in one group (default 1: in-process, group join excluded)",
+    )
+    bi.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one `herald ingest --workers N` process (N consumers under one supervisor)",
     )
     bi.add_argument(
         "--rate",

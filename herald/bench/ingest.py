@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psutil
+
 from config.settings import Settings
 from consumers.ingest import BatchOutcome, Prepared
 from core import metrics
@@ -123,10 +125,13 @@ def run_ingest_bench(
     users: int,
     processes: int = 1,
     rate: float | None = None,
+    workers: int = 1,
 ) -> int:
     """Run the whole benchmark; returns the process exit code."""
-    if rate is not None and (rate <= 0 or processes != 1):
+    if rate is not None and (rate <= 0 or processes != 1 or workers != 1):
         raise ConfigError("--rate needs a rate above 0, with one process")
+    if workers > 1 and processes > 1:
+        raise ConfigError("--workers and --processes are two ways to scale out: give one")
     if events is None:
         events = round(rate * RATE_SECONDS) if rate else DEFAULT_EVENTS
     if events < 1 or users < 1 or baseline_sample < 10_000:
@@ -143,6 +148,7 @@ def run_ingest_bench(
             users=users,
             processes=processes,
             rate=rate,
+            workers=workers,
         )
 
 
@@ -169,6 +175,7 @@ def _run(
     users: int,
     processes: int = 1,
     rate: float | None = None,
+    workers: int = 1,
 ) -> int:
     url = settings.database_url.get_secret_value()
     migrate(url)
@@ -216,13 +223,19 @@ def _run(
                 f"{WARMUP_MS / 1000:.0f} s after the join left out: max {latency.warmup_max_ms:.0f} ms); "
                 f"batch_size {settings.batch_size}, batch_time_ms {settings.batch_time_ms}"
             )
-        elif processes > 1:
-            seconds = measure_ingest_processes(settings, group, topics.events, work, processes, meter)
+        elif processes > 1 or workers > 1:
+            seconds = measure_ingest_processes(
+                settings, group, topics.events, work, processes, meter, workers=workers
+            )
             inserted = work.distinct  # checked against the database by verify() below
+            how = (
+                f"{processes} `herald ingest` processes"
+                if processes > 1
+                else f"one `herald ingest --workers {workers}`"
+            )
             say(
                 f"ingest: {events:,} records in {seconds:.2f} s = {events / seconds:,.0f} events/s with "
-                f"{processes} `herald ingest` processes (from the first record produced to the last "
-                "offset committed)"
+                f"{how} (from the first record produced to the last offset committed)"
             )
         else:
             positions = produce(settings, topics.events, work.records)
@@ -286,6 +299,7 @@ def _run(
         "batch_size": settings.batch_size,
         "partitions": settings.topic_partitions,
         "processes": processes,
+        "workers": workers,
         "inserted": inserted,
         "seconds": round(seconds, 3),
         "baseline_events": baseline.events,
@@ -423,7 +437,14 @@ def measure_ingest(
 
 
 def measure_ingest_processes(
-    settings: Settings, group: str, topic: str, work: Workload, processes: int, meter: CpuMeter
+    settings: Settings,
+    group: str,
+    topic: str,
+    work: Workload,
+    processes: int,
+    meter: CpuMeter,
+    *,
+    workers: int = 1,
 ) -> float:
     """Scale-out: N ``herald ingest`` processes in one group, joined before the first record.
 
@@ -442,14 +463,24 @@ def measure_ingest_processes(
     }
     procs = [
         subprocess.Popen(
-            herald_command("--log-level", "WARNING", "ingest", "--group", group),
+            herald_command(
+                "--log-level",
+                "WARNING",
+                "ingest",
+                "--group",
+                group,
+                *(["--workers", str(workers)] * (workers > 1)),
+            ),
             env=env,
         )
         for _ in range(processes)
     ]
     try:
         wait_joined(settings, group, settings.session_timeout_ms / 1000 + 30)
-        meter.start(herald=[p.pid for p in procs])  # the ingest processes, not this producer
+        # The ingest processes (workers included), not this producer.
+        meter.start(
+            herald=[q.pid for p in procs for q in (psutil.Process(p.pid), *psutil.Process(p.pid).children())]
+        )
         started = time.perf_counter()
         positions = produce(settings, topic, work.records)
         watch = CommitWatch(settings, group, positions)
