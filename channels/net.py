@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-ALLOW_HINT = "set HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true to allow it"
+ALLOW_HINT = "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true (webhooks) or HERALD_PUSH__ALLOW_PRIVATE_TARGETS=true (push) allows it"
 
 
 class TargetRefused(Exception):
@@ -101,3 +101,13 @@ def guarded_session(
         auto_decompress=False,
         **kwargs,
     )
+
+
+def refusal(exc: BaseException) -> TargetRefused | None:
+    """The guard's refusal, when the pool wrapped it in a connection error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TargetRefused):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -22,7 +22,7 @@ import aiohttp
 from yarl import URL
 
 from channels.base import Endpoint, SendResult
-from channels.net import TargetRefused, guard_url, guarded_session
+from channels.net import TargetRefused, guard_url, guarded_session, refusal
 from config.settings import Settings
 from core import __version__
 from core.webhooks import signed_headers
@@ -162,7 +162,7 @@ class WebhookProvider:
         except TimeoutError:
             return SendResult("transient", error=f"timed out after {self._timeout:g}s")
         except aiohttp.ClientError as exc:
-            refused = _refusal(exc)
+            refused = refusal(exc)
             if refused is not None:
                 return SendResult("permanent", error=str(refused))
             return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
@@ -174,13 +174,3 @@ class WebhookProvider:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def _refusal(exc: BaseException) -> TargetRefused | None:
-    """The guard's refusal, when the pool wrapped it in a connection error."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, TargetRefused):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None

@@ -87,6 +87,15 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_vapid(args: argparse.Namespace, settings: Settings) -> int:
+    from channels.push import generate_keys
+
+    private, public = generate_keys()
+    print(f"HERALD_PUSH__VAPID_PRIVATE_KEY={private}")
+    print(f"# the web app's applicationServerKey (pushManager.subscribe): {public}")
+    return 0
+
+
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     from api.auth import mint
 
@@ -158,7 +167,7 @@ def cmd_endpoints(args: argparse.Namespace, settings: Settings) -> int:
     db = Database.from_settings(settings)
     try:
         if args.endpoints_command == "add":
-            address = _check_endpoint(args.channel, args.address)
+            address = _check_endpoint(args.channel, args.address, settings.push.allow_private_targets)
             secret = _webhook_secret(args) if args.channel == "webhook" else None
             add_endpoint(db, args.user, args.channel, address, secret)
             print(f"added {args.channel} endpoint for {args.user}")
@@ -189,7 +198,7 @@ def _webhook_secret(args: argparse.Namespace) -> str:
     return secret
 
 
-def _check_endpoint(channel: str, address: str) -> str:
+def _check_endpoint(channel: str, address: str, allow_http_push: bool = False) -> str:
     if channel == "email" and ("@" not in address or " " in address):
         raise ConfigError(f"not an email address: {address!r}")
     if channel == "webhook" and not address.startswith(("https://", "http://")):
@@ -203,7 +212,7 @@ def _check_endpoint(channel: str, address: str) -> str:
         endpoint = sub.get("endpoint") if isinstance(sub, dict) else None
         usable = (
             isinstance(endpoint, str)
-            and endpoint.startswith("https://")
+            and endpoint.startswith(("https://", "http://") if allow_http_push else ("https://",))
             and isinstance(keys, dict)
             and all(isinstance(keys.get(k), str) and keys[k] for k in ("p256dh", "auth"))
         )
@@ -411,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         "failures through HERALD_DELIVERY__RETRY_TIERS and dead-letters the rest to "
         "<prefix>.deliveries.<channel>.dlq.",
     )
-    s.add_argument("--channel", required=True, choices=["webhook"], help="the channel to deliver")
+    s.add_argument(
+        "--channel", required=True, choices=["email", "push", "webhook"], help="the channel to deliver"
+    )
     s.add_argument("--group", help="consumer group (default herald-deliver-<channel>)")
     s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
@@ -437,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(RS256). Stops cleanly on SIGTERM.",
     )
     s.set_defaults(func=cmd_api)
+
+    s = sub.add_parser("vapid", help="Web Push keys (HERALD_PUSH__VAPID_PRIVATE_KEY)")
+    vsub = s.add_subparsers(dest="vapid_command", required=True, metavar="ACTION")
+    vsub.add_parser(
+        "generate",
+        help="print a new VAPID key pair: the private key setting and the web app's applicationServerKey",
+    )
+    s.set_defaults(func=cmd_vapid)
 
     s = sub.add_parser(
         "token",
