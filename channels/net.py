@@ -20,7 +20,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-ALLOW_HINT = "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true (webhooks) or HERALD_PUSH__ALLOW_PRIVATE_TARGETS=true (push) allows it"
+ALLOW_HINT = (
+    "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true (webhooks) or "
+    "HERALD_PUSH__ALLOW_PRIVATE_TARGETS=true (push) allows it"
+)
 
 
 class TargetRefused(Exception):

@@ -224,7 +224,8 @@ class PushProvider:
         if result.outcome == "ok":
             # The push service's message URL (Location) names the message, when it gives one.
             location = response.headers.get("location")
-            return SendResult("ok", result.status_code, provider_message_id=location or delivery["delivery_id"])
+            message_id = location or str(delivery["delivery_id"])
+            return SendResult("ok", result.status_code, provider_message_id=message_id)
         return result
 
     async def aclose(self) -> None:

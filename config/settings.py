@@ -222,7 +222,7 @@ class SmtpSettings(BaseModel):
         if (self.username is None) != (self.password is None):
             raise ValueError("set both username and password, or neither")
         if self.password is not None and self.tls == "none":
-            raise ValueError("a password over plain SMTP (tls none) would travel in clear: use starttls or implicit")
+            raise ValueError("a password over plain SMTP (tls none) would travel in clear: use starttls")
         return self
 
 

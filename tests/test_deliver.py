@@ -61,11 +61,13 @@ def dsettings(backend: Backend) -> Settings:
     return deliver_settings(backend)
 
 
-def start_deliver(settings: Settings, group: str | None = None) -> RunThread[DeliverRun]:
+def start_deliver(
+    settings: Settings, group: str | None = None, channel: str = "webhook"
+) -> RunThread[DeliverRun]:
     return start_thread(
         "deliver",
         group or f"d-{uuid.uuid4().hex[:8]}",
-        lambda g, st: run_deliver(settings, "webhook", group=g, stopper=st),
+        lambda g, st: run_deliver(settings, channel, group=g, stopper=st),
     )
 
 
@@ -96,26 +98,26 @@ def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "co
     raise AssertionError(f"{what} not reached in {timeout}s")
 
 
-def rows(db: Conn, user: str) -> list[dict[str, Any]]:
+def rows(db: Conn, user: str, channel: str = "webhook") -> list[dict[str, Any]]:
     cur = db.execute(
         "SELECT id, status, status_reason, attempts, last_error, provider_message_id, sent_at"
-        " FROM deliveries WHERE user_id = %s AND channel = 'webhook' ORDER BY created_at",
-        (user,),
+        " FROM deliveries WHERE user_id = %s AND channel = %s ORDER BY created_at",
+        (user, channel),
     )
     names = [c.name for c in cur.description or []]
     return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
-def final(db: Conn, user: str, n: int = 1) -> Callable[[], bool]:
+def final(db: Conn, user: str, n: int = 1, channel: str = "webhook") -> Callable[[], bool]:
     def check() -> bool:
-        got = rows(db, user)
+        got = rows(db, user, channel)
         return len(got) == n and all(r["status"] in ("sent", "failed", "skipped") for r in got)
 
     return check
 
 
-def dlq(settings: Settings) -> list[Record]:
-    return read_topic(settings, Topics(settings.topic_prefix).deliveries_dlq("webhook"), timeout=10)
+def dlq(settings: Settings, channel: str = "webhook") -> list[Record]:
+    return read_topic(settings, Topics(settings.topic_prefix).deliveries_dlq(channel), timeout=10)
 
 
 def critical(user: str, **fields: Any) -> dict[str, Any]:
