@@ -284,9 +284,11 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         return run_deliver_bench(
             settings,
             channel=args.channel,
-            deliveries=args.deliveries,
+            deliveries=args.deliveries or (20_000 if args.channel == "email" else 50_000),
             users=args.users,
-            latency_ms=args.latency_ms,
+            latency_ms=args.latency_ms
+            if args.latency_ms is not None
+            else (5 if args.channel == "email" else 50),
             concurrency=args.concurrency,
         )
     from herald.bench.ingest import run_ingest_bench
@@ -591,15 +593,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd = bsub.add_parser(
         "deliver",
-        help="deliveries per second through one `herald deliver` process, to a receiver that takes 50 ms",
+        help="deliveries per second through one `herald deliver` process, to a loopback receiver",
         description="Queues --deliveries critical events through the real ingest, then times one "
         "`herald deliver` process (its own) sending them to a loopback receiver in its own process "
-        "that verifies each signature and answers after --latency-ms. The last line is one JSON object.",
+        "(a webhook receiver that verifies each signature, or an SMTP server that counts each "
+        "Message-ID) that answers after --latency-ms. The last line is one JSON object.",
     )
-    bd.add_argument("--channel", choices=("webhook",), default="webhook")
-    bd.add_argument("--deliveries", type=int, default=50_000, help="default 50000")
+    bd.add_argument("--channel", choices=("webhook", "email"), default="webhook")
+    bd.add_argument("--deliveries", type=int, help="default 50000 (webhook), 20000 (email)")
     bd.add_argument("--users", type=int, default=1_000, help="users, one endpoint each (default 1000)")
-    bd.add_argument("--latency-ms", type=int, default=50, help="the receiver's answer time (default 50)")
+    bd.add_argument(
+        "--latency-ms",
+        type=int,
+        help="the receiver's answer time (default 50 for a webhook, 5 for an SMTP relay's DATA)",
+    )
     bd.add_argument(
         "--concurrency",
         type=int,

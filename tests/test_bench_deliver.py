@@ -36,3 +36,25 @@ def test_bench_deliver_reports_verified_figures(backend: Backend) -> None:
     assert (
         "verify: 600 rows sent, 600 delivery ids answered, 0 duplicates, 0 bad signatures: ok" in run.stdout
     )
+
+
+def test_bench_deliver_email_counts_each_message_id_once(backend: Backend) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env |= {"HERALD_KAFKA_BOOTSTRAP": backend.bootstrap, "HERALD_DATABASE_URL": backend.database_url}
+    run = subprocess.run(
+        [sys.executable, "-m", "herald.cli", "bench", "deliver", "--channel", "email", "--deliveries", "600"]
+        + ["--users", "50", "--concurrency", "32"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"deliveries", "deliveries_per_s", "p99_ms", "duplicates"} <= set(result)
+    assert result["channel"] == "email" and result["deliveries"] == 600 and result["duplicates"] == 0
+    assert result["receiver_latency_ms"] == 5 and 5 <= result["p50_ms"] <= result["p99_ms"]
+    assert (
+        "verify: 600 rows sent, 600 delivery ids answered, 0 duplicates, 0 without a Message-ID: ok"
+        in run.stdout
+    )
