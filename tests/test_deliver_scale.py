@@ -70,12 +70,12 @@ def scale_settings(backend: Backend, **overrides: Any) -> Settings:
     return make_settings(backend.bootstrap, backend.database_url, **values)
 
 
-def statuses(db: Conn, user: str) -> Counter[str]:
-    return Counter(str(r["status"]) for r in rows(db, user))
+def statuses(db: Conn, user: str, channel: str = "webhook") -> Counter[str]:
+    return Counter(str(r["status"]) for r in rows(db, user, channel))
 
 
-def all_sent(db: Conn, user: str, n: int) -> bool:
-    return statuses(db, user) == Counter({"sent": n})
+def all_sent(db: Conn, user: str, n: int, channel: str = "webhook") -> bool:
+    return statuses(db, user, channel) == Counter({"sent": n})
 
 
 def test_provider_down_20s_then_up_every_delivery_arrives_once_and_no_attempt_is_wasted(
@@ -139,14 +139,16 @@ def test_one_host_down_the_other_keeps_flowing(db: Conn, backend: Backend, peers
     assert dlq(settings) == []
 
 
-def deliver_process(settings: Settings, group: str, log_dir: Path, **env: str) -> HeraldProcess:
+def deliver_process(
+    settings: Settings, group: str, log_dir: Path, channel: str = "webhook", **env: str
+) -> HeraldProcess:
     d = settings.delivery
     return HeraldProcess(
         settings,
         group,
         log_dir,
-        command=("deliver", "--channel", "webhook"),
-        name="deliver-webhook",
+        command=("deliver", "--channel", channel),
+        name=f"deliver-{channel}",
         HERALD_DELIVERY__RETRY_TIERS='["1s","2s"]',
         HERALD_DELIVERY__MAX_ATTEMPTS="5",
         HERALD_DELIVERY__LEASE_S=str(d.lease_s),
