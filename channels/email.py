@@ -317,5 +317,6 @@ class EmailProvider:
 
 def _reply(code: int, error: str) -> SendResult:
     """4xx: try again later; 5xx: refused for good; anything else (no reply): transient."""
-    outcome = "permanent" if 500 <= code < 600 else "transient"
-    return SendResult(outcome, code if code > 0 else None, error=error[:300])
+    if 500 <= code < 600:
+        return SendResult("permanent", code, error=error[:300])
+    return SendResult("transient", code if code > 0 else None, error=error[:300])
