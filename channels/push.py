@@ -24,7 +24,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import http_ece
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,10 +31,9 @@ from py_vapid import Vapid02
 from yarl import URL
 
 from channels.base import Endpoint, SendResult
-from channels.net import TargetRefused, guard_url, guarded_session, refusal
+from channels.net import GuardedPoster
 from channels.webhook import absolute_url, classify
 from config.settings import Settings
-from core import __version__
 from core.errors import ConfigError
 
 # A VAPID token lives this long; a new one is signed when less than REFRESH_S remains.
@@ -138,6 +136,9 @@ def classify_push(code: int, headers: Mapping[str, str]) -> SendResult:
     result = classify(code, headers)
     if result.outcome == "gone":
         return SendResult("gone", code, error="410: the push subscription is gone")
+    if result.outcome == "ok":
+        # The push service's message URL (Location) names the message, when it gives one.
+        return SendResult("ok", code, provider_message_id=headers.get("location"))
     return result
 
 
@@ -153,23 +154,12 @@ class PushProvider:
             )
         self._vapid = load_vapid(push.vapid_private_key.get_secret_value())
         self._subject = push.vapid_subject
-        self._allow_private = push.allow_private_targets
-        self._timeout = push.timeout_s
         self._ttl = str(push.ttl_s)
         self._app_url = settings.app_url
-        self._connections = settings.delivery.concurrency
         self._tokens: dict[str, tuple[str, float]] = {}  # origin -> (Authorization, expires)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = guarded_session(
-                self._allow_private,
-                connections=self._connections,
-                timeout_s=self._timeout,
-                headers={"user-agent": f"herald/{__version__}"},
-            )
-        return self._session
+        self._http = GuardedPoster(
+            push.allow_private_targets, connections=settings.delivery.concurrency, timeout_s=push.timeout_s
+        )
 
     def authorization(self, origin: str) -> str:
         """``vapid t=<JWT>,k=<public key>`` for ``origin``, signed once per origin and period."""
@@ -192,11 +182,7 @@ class PushProvider:
     async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
         try:
             sub = Subscription(endpoint.address)
-            url = guard_url(sub.endpoint, self._allow_private)
-            if url.scheme != "https" and not self._allow_private:
-                raise ValueError("a push endpoint must be https")
-        except TargetRefused as exc:
-            return SendResult("permanent", error=str(exc))
+            url = URL(sub.endpoint)
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             return SendResult("permanent", error=f"not a usable push subscription: {exc}"[:300])
         plain = json.dumps(push_payload(delivery, self._app_url), separators=(",", ":")).encode()
@@ -209,26 +195,12 @@ class PushProvider:
             "ttl": self._ttl,
             "urgency": "high" if delivery.get("severity") == "critical" else "normal",
         }
-        try:
-            body = encrypt(plain, sub)
-            async with self._http().post(url, data=body, headers=headers, allow_redirects=False) as response:
-                await response.read()
-                result = classify_push(response.status, response.headers)
-        except TimeoutError:
-            return SendResult("transient", error=f"timed out after {self._timeout:g}s")
-        except aiohttp.ClientError as exc:
-            refused = refusal(exc)
-            if refused is not None:
-                return SendResult("permanent", error=str(refused))
-            return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
-        if result.outcome == "ok":
-            # The push service's message URL (Location) names the message, when it gives one.
-            location = response.headers.get("location")
-            message_id = location or str(delivery["delivery_id"])
-            return SendResult("ok", result.status_code, provider_message_id=message_id)
+        result = await self._http.post(
+            sub.endpoint, encrypt(plain, sub), headers, classify_push, https_only=True
+        )
+        if result.outcome == "ok" and result.provider_message_id is None:
+            result = SendResult("ok", result.status_code, provider_message_id=str(delivery["delivery_id"]))
         return result
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.aclose()
