@@ -71,18 +71,41 @@ def start_deliver(
     )
 
 
-def user_with(db: Conn, settings: Settings, user: str, *urls: str) -> list[int]:
-    """A user who wants webhooks, with these endpoints (all signed with SECRET)."""
+def wants(
+    db: Conn,
+    settings: Settings,
+    user: str,
+    channel: str,
+    addresses: tuple[str, ...],
+    secret: str | None = None,
+) -> list[int]:
+    """A user who wants ``channel``, with these endpoints (URLs, email addresses, subscriptions)."""
     db.execute(
-        "INSERT INTO notification_preferences (user_id, webhook) VALUES (%s, true)"
-        " ON CONFLICT (user_id) DO UPDATE SET webhook = true",
+        f"INSERT INTO notification_preferences (user_id, {channel}) VALUES (%s, true)"  # noqa: S608
+        f" ON CONFLICT (user_id) DO UPDATE SET {channel} = true",
         (user,),
     )
     d = Database.from_settings(settings)
     try:
-        return [add_endpoint(d, user, "webhook", url, SECRET) for url in urls]
+        return [add_endpoint(d, user, channel, a, secret) for a in addresses]
     finally:
         d.close()
+
+
+def user_with(db: Conn, settings: Settings, user: str, *urls: str) -> list[int]:
+    """A user who wants webhooks, with these endpoints (all signed with SECRET)."""
+    return wants(db, settings, user, "webhook", urls, SECRET)
+
+
+def deliver_until_final(
+    settings: Settings, db: Conn, user: str, n: int = 1, channel: str = "webhook", timeout: float = 30
+) -> None:
+    """Run the channel's deliverer until ``user``'s ``n`` deliveries are final."""
+    runner = start_deliver(settings, channel=channel)
+    try:
+        wait_until(final(db, user, n, channel), timeout=timeout, what=f"{user}'s {channel} deliveries final")
+    finally:
+        runner.stop()
 
 
 def send_events(settings: Settings, *events: dict[str, Any]) -> None:

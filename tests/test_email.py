@@ -20,12 +20,20 @@ import pytest
 from config.settings import Settings
 from consumers.dlq import decode_headers
 from core.unsubscribe import read_token
-from storage.db import Database
-from storage.preferences import add_endpoint
 from tests.conftest import Backend
 from tests.helpers import make_settings
 from tests.smtp_peer import SmtpPeer
-from tests.test_deliver import critical, dlq, final, rows, send_events, start_deliver, wait_until
+from tests.test_deliver import (
+    critical,
+    deliver_until_final,
+    dlq,
+    final,
+    rows,
+    send_events,
+    start_deliver,
+    wait_until,
+    wants,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,24 +63,7 @@ def email_settings(backend: Backend, smtp: SmtpPeer, **overrides: Any) -> Settin
 
 def mailbox(db: Conn, settings: Settings, user: str, *addresses: str) -> list[int]:
     """A user who wants email, at these addresses."""
-    db.execute(
-        "INSERT INTO notification_preferences (user_id, email) VALUES (%s, true)"
-        " ON CONFLICT (user_id) DO UPDATE SET email = true",
-        (user,),
-    )
-    d = Database.from_settings(settings)
-    try:
-        return [add_endpoint(d, user, "email", a) for a in addresses]
-    finally:
-        d.close()
-
-
-def deliver_all(settings: Settings, db: Conn, user: str, n: int = 1, timeout: float = 30) -> None:
-    runner = start_deliver(settings, channel="email")
-    try:
-        wait_until(final(db, user, n, "email"), timeout=timeout, what=f"{user}'s emails final")
-    finally:
-        runner.stop()
+    return wants(db, settings, user, "email", addresses)
 
 
 def test_an_email_arrives_with_both_parts_escaped_headers_and_a_working_unsubscribe(
@@ -91,7 +82,7 @@ def test_an_email_arrives_with_both_parts_escaped_headers_and_a_working_unsubscr
             target_url="/invoices/42?tab=a&b=c",
         ),
     )
-    deliver_all(s, db, "alice")
+    deliver_until_final(s, db, "alice", channel="email")
 
     (row,) = rows(db, "alice", "email")
     assert (row["status"], row["attempts"]) == ("sent", 1)

@@ -4,8 +4,6 @@ window DESIGN.md documents."""
 
 from __future__ import annotations
 
-import random
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from herald.processes import deliver_group
 from tests.conftest import Backend
 from tests.smtp_peer import SmtpPeer
 from tests.test_deliver import critical, dlq, send_events, wait_until
-from tests.test_deliver_scale import all_sent, deliver_process, scale_settings, statuses
+from tests.test_deliver_scale import all_sent, deliver_process, kill_mid_flight, scale_settings, statuses
 from tests.test_email import mailbox
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -55,20 +53,10 @@ def test_sigkill_the_email_deliverer_three_times_loses_nothing(
         HERALD_SMTP__POOL_SIZE="16",
         HERALD_POLICY__RATE_LIMITS='{"email": 100000}',
     )
-    rng = random.Random(11)  # noqa: S311 (test randomness, reproducible)
-    kills = 0
     try:
-        proc.start()
-        while kills < 3:
-            proc.wait_assigned()
-            before = len(smtp.received)
-            wait_until(lambda b=before: len(smtp.received) > b + 20, what="emails flowing")  # type: ignore[misc]
-            time.sleep(rng.uniform(0.05, 0.6))
-            if statuses(db, "gus", "email")["sent"] >= n:
-                break
-            assert proc.kill(), proc.tails()
-            kills += 1
-            proc.start()
+        kills = kill_mid_flight(
+            proc, 3, lambda: len(smtp.received), lambda: statuses(db, "gus", "email")["sent"] >= n, seed=11
+        )
         wait_until(lambda: all_sent(db, "gus", n, "email"), timeout=120, what=f"all {n} sent")
     finally:
         proc.cleanup()

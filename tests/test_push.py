@@ -14,12 +14,20 @@ import pytest
 from channels.push import generate_keys
 from config.settings import Settings
 from consumers.dlq import decode_headers
-from storage.db import Database
-from storage.preferences import add_endpoint
 from tests.conftest import Backend
 from tests.helpers import make_settings
 from tests.push_peer import PushPeer
-from tests.test_deliver import critical, dlq, final, rows, send_events, start_deliver, wait_until
+from tests.test_deliver import (
+    critical,
+    deliver_until_final,
+    dlq,
+    final,
+    rows,
+    send_events,
+    start_deliver,
+    wait_until,
+    wants,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +59,7 @@ def push_settings(backend: Backend, **overrides: Any) -> Settings:
 
 
 def subscribed(db: Conn, settings: Settings, user: str, *subscriptions: str) -> list[int]:
-    db.execute(
-        "INSERT INTO notification_preferences (user_id, push) VALUES (%s, true)"
-        " ON CONFLICT (user_id) DO UPDATE SET push = true",
-        (user,),
-    )
-    d = Database.from_settings(settings)
-    try:
-        return [add_endpoint(d, user, "push", s) for s in subscriptions]
-    finally:
-        d.close()
+    return wants(db, settings, user, "push", subscriptions)
 
 
 def test_push_is_encrypted_for_the_subscription_and_signed_with_vapid(
@@ -79,11 +78,7 @@ def test_push_is_encrypted_for_the_subscription_and_signed_with_vapid(
             target_url="/invoices/42",
         ),
     )
-    runner = start_deliver(s, channel="push")
-    try:
-        wait_until(final(db, "alice", 1, "push"))
-    finally:
-        runner.stop()
+    deliver_until_final(s, db, "alice", channel="push")
     (row,) = rows(db, "alice", "push")
     assert (row["status"], row["attempts"]) == ("sent", 1)
     got = push.at("/ok/")
@@ -141,11 +136,7 @@ def test_429_with_retry_after_is_retried_on_time(db: Conn, backend: Backend, pus
     s = push_settings(backend, delivery={"retry_tiers": ["1s", "2s", "4s"], "max_attempts": 3, "lease_s": 10})
     subscribed(db, s, "dee", push.subscription("busy"))
     send_events(s, critical("dee"))
-    runner = start_deliver(s, channel="push")
-    try:
-        wait_until(final(db, "dee", 1, "push"))
-    finally:
-        runner.stop()
+    deliver_until_final(s, db, "dee", channel="push")
     (row,) = rows(db, "dee", "push")
     assert (row["status"], row["attempts"]) == ("sent", 2)
     first, second = push.at("/busy/")
@@ -163,11 +154,7 @@ def test_push_refuses_plain_http_and_private_targets_unless_allowed(
     )
     subscribed(db, s, "eve", push.subscription("ok"))
     send_events(s, critical("eve"))
-    runner = start_deliver(s, channel="push")
-    try:
-        wait_until(final(db, "eve", 1, "push"))
-    finally:
-        runner.stop()
+    deliver_until_final(s, db, "eve", channel="push")
     (row,) = rows(db, "eve", "push")
     assert (row["status"], row["status_reason"]) == ("failed", "permanent")
     assert "HERALD_PUSH__ALLOW_PRIVATE_TARGETS" in row["last_error"]
