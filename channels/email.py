@@ -253,7 +253,10 @@ class EmailProvider:
         message_id = self.message_id(delivery)
         pool = self._connections()
         client = await pool.get()
-        keep = True
+        # A connection goes back to the pool only in a known state: after a reply that ends the
+        # transaction (aiosmtplib sends RSET after a refusal). A drop, a timeout, a 421, or a
+        # send cancelled halfway (a rebalance) closes it instead.
+        keep = False
         try:
             if client is None or not client.is_connected:
                 client = None
@@ -264,16 +267,16 @@ class EmailProvider:
                     # login) is about the relay, not this message: transient, and the breaker's.
                     return SendResult("transient", error=f"connecting to the relay: {exc}"[:300])
             await client.sendmail(self._sender, [endpoint.address], raw)
+            keep = True
             return SendResult("ok", 250, provider_message_id=message_id)
         except aiosmtplib.SMTPRecipientsRefused as exc:
+            keep = True
             code = exc.recipients[0].code if exc.recipients else 550
             return _reply(code, f"recipient refused: {code}")
         except aiosmtplib.SMTPResponseException as exc:
-            if exc.code < 0 or exc.code == 421:
-                keep = False  # the server is closing this connection
+            keep = exc.code > 0 and exc.code != 421  # 421: the server is closing this connection
             return _reply(exc.code, f"SMTP {exc.code}: {exc.message}")
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            keep = False
             return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
             if not keep and client is not None:
