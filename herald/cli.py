@@ -199,30 +199,12 @@ def _webhook_secret(args: argparse.Namespace) -> str:
 
 
 def _check_endpoint(channel: str, address: str, allow_http_push: bool = False) -> str:
-    if channel == "email" and ("@" not in address or " " in address):
-        raise ConfigError(f"not an email address: {address!r}")
-    if channel == "webhook" and not address.startswith(("https://", "http://")):
-        raise ConfigError(f"a webhook endpoint must be an http(s) URL, got {address!r}")
-    if channel == "push":
-        try:
-            sub = json.loads(address)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"a push subscription must be JSON: {exc}") from exc
-        keys = sub.get("keys") if isinstance(sub, dict) else None
-        endpoint = sub.get("endpoint") if isinstance(sub, dict) else None
-        usable = (
-            isinstance(endpoint, str)
-            and endpoint.startswith(("https://", "http://") if allow_http_push else ("https://",))
-            and isinstance(keys, dict)
-            and all(isinstance(keys.get(k), str) and keys[k] for k in ("p256dh", "auth"))
-        )
-        if not usable:
-            raise ConfigError(
-                'a push subscription needs "endpoint" and "keys": an https:// endpoint, '
-                'and keys with non-empty "p256dh" and "auth"'
-            )
-        return json.dumps(sub, separators=(",", ":"), sort_keys=True)
-    return address
+    from core.endpoints import endpoint_address
+
+    try:
+        return endpoint_address(channel, address, allow_http_push)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
