@@ -304,7 +304,11 @@ class EmailProvider:
             username=s.username,
             password=s.password.get_secret_value() if s.password is not None else None,
         )
-        await client.connect()
+        try:
+            await client.connect()
+        except BaseException:
+            client.close()  # a refused login or TLS leaves the socket open otherwise
+            raise
         return client
 
     async def aclose(self) -> None:
