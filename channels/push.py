@@ -176,7 +176,7 @@ class PushProvider:
         try:
             url = URL(Subscription(endpoint.address).endpoint)
             return f"{url.host or ''}:{url.port or ''}"
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # send() says why, as a permanent failure
             return "unreadable-subscription"
 
     async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
