@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/herald bench ingest
 	$(BIN)/herald bench receiver
 	$(BIN)/herald bench deliver
+	$(BIN)/herald bench deliver --channel email
 	$(BIN)/herald bench digest
 
 clean:

@@ -153,6 +153,9 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None) -> Starlette
         Route("/v1/notifications/{id}/archive", _observed("archive", h.archive), methods=["POST"]),
         Route("/v1/preferences", _observed("preferences_get", h.get_preferences), methods=["GET"]),
         Route("/v1/preferences", _observed("preferences_put", h.put_preferences), methods=["PUT"]),
+        Route("/v1/endpoints", _observed("endpoints_list", h.list_endpoints), methods=["GET"]),
+        Route("/v1/endpoints", _observed("endpoints_add", h.add_endpoint), methods=["POST"]),
+        Route("/v1/endpoints/{id}", _observed("endpoints_remove", h.remove_endpoint), methods=["DELETE"]),
         Route("/v1/unsubscribe", _observed("unsubscribe", h.unsubscribe), methods=["POST"]),
         Route("/v1/stream/token", _observed("stream_token", h.stream_token), methods=["POST"]),
         Route("/v1/stream", _observed("stream", h.stream), methods=["GET"]),
@@ -168,7 +171,7 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None) -> Starlette
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.api.cors_origins,
-                allow_methods=["GET", "POST", "PUT"],
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                 max_age=600,
             )

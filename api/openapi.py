@@ -25,7 +25,7 @@ _REASONS = {
     400: "Malformed input: a parameter, the id, the cursor, the JSON body or the Last-Event-ID",
     401: "No bearer token (or stream token), or one that does not verify (expired, wrong audience, ...)",
     403: "The unsubscribe token's signature does not match",
-    404: "No such notification for this user (whether it exists for another is not said)",
+    404: "No such notification (or endpoint) for this user (whether it exists for another is not said)",
     413: "The body is larger than the limit",
     415: "The body is not application/json",
     422: "The JSON body does not match the schema, or turns a mandatory category off",
@@ -61,6 +61,7 @@ def document(api: ApiSettings) -> dict[str, Any]:
     """The document for this server's limits (page sizes come from settings)."""
     state = {"$ref": "#/components/schemas/NotificationState"}
     prefs = {"$ref": "#/components/schemas/Preferences"}
+    endpoint = {"$ref": "#/components/schemas/Endpoint"}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -241,6 +242,59 @@ def document(api: ApiSettings) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/endpoints": {
+                "get": {
+                    "operationId": "listEndpoints",
+                    "summary": "The user's email addresses and push subscriptions",
+                    "responses": {
+                        **_ok(
+                            "The endpoints, oldest first",
+                            {
+                                "type": "object",
+                                "properties": {"items": {"type": "array", "items": endpoint}},
+                                "required": ["items"],
+                                "additionalProperties": False,
+                            },
+                        ),
+                        **_problems(401, 503),
+                    },
+                },
+                "post": {
+                    "operationId": "addEndpoint",
+                    "summary": "Add an email address, or the browser's PushSubscription (its JSON)",
+                    "description": "Adding one that exists (or was removed) keeps one, enabled. Deliveries "
+                    "go to it once the user's preference for the channel is on.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/EndpointIn"}}
+                        },
+                    },
+                    "responses": {
+                        "201": {
+                            "description": "Stored",
+                            "content": {"application/json": {"schema": endpoint}},
+                        },
+                        **_problems(*_AUTHED, 413, 415, 422),
+                    },
+                },
+            },
+            "/v1/endpoints/{id}": {
+                "delete": {
+                    "operationId": "removeEndpoint",
+                    "summary": "Remove one of the user's endpoints (nothing is sent to it any more)",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "The endpoint's id",
+                        }
+                    ],
+                    "responses": {"204": {"description": "Removed"}, **_problems(401, 404, 503)},
+                }
+            },
             "/v1/unsubscribe": {
                 "post": {
                     "operationId": "unsubscribe",
@@ -363,6 +417,40 @@ def document(api: ApiSettings) -> dict[str, Any]:
                         "mandatory_categories": {"type": "array", "items": {"type": "string"}},
                     },
                     "required": ["channels", "categories", "digest_minutes", "mandatory_categories"],
+                    "additionalProperties": False,
+                },
+                "Endpoint": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "channel": {"type": "string", "enum": ["email", "push"]},
+                        "address": {"type": "string"},
+                        "subscription": {"$ref": "#/components/schemas/PushSubscription"},
+                    },
+                    "required": ["id", "channel"],
+                    "additionalProperties": False,
+                },
+                "PushSubscription": {
+                    "type": "object",
+                    "properties": {
+                        "endpoint": {"type": "string"},
+                        "keys": {
+                            "type": "object",
+                            "properties": {"p256dh": {"type": "string"}, "auth": {"type": "string"}},
+                            "required": ["p256dh", "auth"],
+                        },
+                    },
+                    "required": ["endpoint", "keys"],
+                },
+                "EndpointIn": {
+                    "type": "object",
+                    "description": "channel email with address, or channel push with subscription",
+                    "properties": {
+                        "channel": {"type": "string", "enum": ["email", "push"]},
+                        "address": {"type": "string", "minLength": 3, "maxLength": 320},
+                        "subscription": {"$ref": "#/components/schemas/PushSubscription"},
+                    },
+                    "required": ["channel"],
                     "additionalProperties": False,
                 },
                 "PreferencesIn": {

@@ -22,13 +22,20 @@ from api.auth import StreamTokens, TokenVerifier, Unauthorized
 from api.stream import EventStream, Hub
 from config.settings import CHANNELS, Settings
 from core import metrics
+from core.endpoints import endpoint_address
 from core.errors import RecordRejected
 from core.policy import PREFERENCE_CHANNELS, Preferences
 from core.unsubscribe import InvalidToken, read_token
 from core.web import HttpProblem, read_body
 from storage import inbox, stream
 from storage.pool import AsyncDatabase
-from storage.preferences import read_preferences, write_preferences
+from storage.preferences import (
+    read_preferences,
+    remove_endpoint,
+    save_endpoint,
+    user_endpoints,
+    write_preferences,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -48,6 +55,20 @@ class PreferencesIn(BaseModel):
     channels: dict[Channel, StrictBool] | None = None
     categories: Annotated[dict[Category, dict[Channel, StrictBool]], Field(max_length=200)] | None = None
     digest_minutes: Annotated[StrictInt, Field(ge=0, le=1440)] | None = None
+
+
+# Channels whose endpoints a user manages through the API (webhooks carry a signing secret: CLI).
+API_ENDPOINT_CHANNELS = ["email", "push"]
+
+
+class EndpointIn(BaseModel):
+    """``POST /v1/endpoints``: an email address, or the browser's ``PushSubscription``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: Literal["email", "push"]
+    address: Annotated[str, Field(min_length=3, max_length=320)] | None = None
+    subscription: dict[str, Any] | None = None
 
 
 class ReadAllIn(BaseModel):
@@ -318,6 +339,44 @@ class Handlers:
             "mandatory_categories": self._mandatory,
         }
 
+    # endpoints: the user's own email addresses and push subscriptions
+
+    async def add_endpoint(self, request: Request) -> Response:
+        user = self.user(request)
+        raw = await read_body(request, self._api.max_body_bytes)
+        try:
+            body = EndpointIn.model_validate(_json_body(raw, request))
+        except ValidationError as exc:
+            raise _invalid(exc) from exc
+        given = body.address if body.channel == "email" else body.subscription
+        field = "address" if body.channel == "email" else "subscription"
+        if given is None:
+            raise HttpProblem(422, "Unprocessable Content", f"{field}: required for channel {body.channel}")
+        try:
+            address = endpoint_address(body.channel, given, self._settings.push.allow_private_targets)
+        except ValueError as exc:
+            raise HttpProblem(422, "Unprocessable Content", f"{field}: {exc}"[:1000]) from exc
+        async with self._db.connection() as conn:
+            endpoint_id = await save_endpoint(conn, user, body.channel, address)
+        return JSONResponse(_endpoint(endpoint_id, body.channel, address), status_code=201)
+
+    async def list_endpoints(self, request: Request) -> Response:
+        user = self.user(request)
+        async with self._db.connection() as conn:
+            rows = await user_endpoints(conn, user, API_ENDPOINT_CHANNELS)
+        return JSONResponse({"items": [_endpoint(r[0], r[1], r[2]) for r in rows]})
+
+    async def remove_endpoint(self, request: Request) -> Response:
+        user = self.user(request)
+        raw = request.path_params["id"]
+        if not raw.isdigit() or len(raw) > 18:
+            raise HttpProblem(404, "Not Found", "no such endpoint")
+        async with self._db.connection() as conn:
+            found = await remove_endpoint(conn, user, int(raw), API_ENDPOINT_CHANNELS)
+        if not found:
+            raise HttpProblem(404, "Not Found", "no such endpoint")
+        return Response(status_code=204)
+
     # unsubscribe (RFC 8058): the token is the authority, no bearer token
 
     async def unsubscribe(self, request: Request) -> Response:
@@ -342,3 +401,9 @@ class Handlers:
         async with self._db.connection() as conn:
             await write_preferences(conn, user, {channel: False})
         return JSONResponse({"channel": channel, "unsubscribed": True})
+
+
+def _endpoint(endpoint_id: int, channel: str, address: str) -> dict[str, Any]:
+    if channel == "push":
+        return {"id": endpoint_id, "channel": channel, "subscription": json.loads(address)}
+    return {"id": endpoint_id, "channel": channel, "address": address}

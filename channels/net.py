@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-ALLOW_HINT = "set HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true to allow it"
+from channels.base import SendResult
+from core import __version__
+
+ALLOW_HINT = (
+    "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true (webhooks) or "
+    "HERALD_PUSH__ALLOW_PRIVATE_TARGETS=true (push) allows it"
+)
 
 
 class TargetRefused(Exception):
@@ -101,3 +108,72 @@ def guarded_session(
         auto_decompress=False,
         **kwargs,
     )
+
+
+def refusal(exc: BaseException) -> TargetRefused | None:
+    """The guard's refusal, when the pool wrapped it in a connection error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TargetRefused):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class GuardedPoster:
+    """The HTTP side of a provider (webhooks, Web Push): one guarded, kept-alive pool, made
+    on first use on the loop that sends (the pool belongs to that loop), and one POST whose
+    answer ``classify`` reads; refusals, bad URLs, timeouts and dropped connections become
+    the same outcomes for every HTTP channel."""
+
+    def __init__(self, allow_private: bool, *, connections: int, timeout_s: float) -> None:
+        self._allow_private = allow_private
+        self._connections = connections  # one per send in flight: no handshake per delivery
+        self._timeout = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = guarded_session(
+                self._allow_private,
+                connections=self._connections,
+                timeout_s=self._timeout,
+                headers={"user-agent": f"herald/{__version__}"},
+            )
+        return self._session
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        classify: Callable[[int, Mapping[str, str]], SendResult],
+        *,
+        https_only: bool = False,
+    ) -> SendResult:
+        """POST ``body`` to ``url`` (never following a redirect) and classify the answer;
+        ``https_only``: plain http only where private targets are allowed."""
+        try:
+            parsed = guard_url(url, self._allow_private)
+            if https_only and parsed.scheme != "https" and not self._allow_private:
+                raise ValueError("the endpoint must be https")
+            post = self._http().post(parsed, data=body, headers=dict(headers), allow_redirects=False)
+            async with post as response:
+                await response.read()
+                return classify(response.status, response.headers)
+        except TargetRefused as exc:
+            return SendResult("permanent", error=str(exc))
+        except (ValueError, aiohttp.InvalidURL) as exc:
+            return SendResult("permanent", error=f"not a usable URL: {exc}"[:300])
+        except TimeoutError:
+            return SendResult("transient", error=f"timed out after {self._timeout:g}s")
+        except aiohttp.ClientError as exc:
+            refused = refusal(exc)
+            if refused is not None:
+                return SendResult("permanent", error=str(refused))
+            return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -18,13 +18,11 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
 from yarl import URL
 
 from channels.base import Endpoint, SendResult
-from channels.net import TargetRefused, guard_url, guarded_session
+from channels.net import GuardedPoster
 from config.settings import Settings
-from core import __version__
 from core.webhooks import signed_headers
 
 log = logging.getLogger(__name__)
@@ -120,22 +118,10 @@ class WebhookProvider:
 
     def __init__(self, settings: Settings) -> None:
         self._app_url = settings.app_url
-        self._timeout = settings.webhook.timeout_s
-        self._allow_private = settings.webhook.allow_private_targets
-        # One connection per send in flight, kept alive: no handshake per delivery.
-        self._connections = settings.delivery.concurrency
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        # Made on first use, on the loop that sends (the pool belongs to that loop).
-        if self._session is None:
-            self._session = guarded_session(
-                self._allow_private,
-                connections=self._connections,
-                timeout_s=self._timeout,
-                headers={"user-agent": f"herald/{__version__}"},
-            )
-        return self._session
+        w = settings.webhook
+        self._http = GuardedPoster(
+            w.allow_private_targets, connections=settings.delivery.concurrency, timeout_s=w.timeout_s
+        )
 
     def target(self, endpoint: Endpoint) -> str:
         try:
@@ -150,37 +136,10 @@ class WebhookProvider:
         body = json.dumps(webhook_body(delivery, self._app_url), separators=(",", ":")).encode()
         msg_id = str(delivery["delivery_id"])
         headers = {"content-type": "application/json", **signed_headers(endpoint.secret, msg_id, body)}
-        try:
-            url = guard_url(endpoint.address, self._allow_private)
-            async with self._http().post(url, data=body, headers=headers, allow_redirects=False) as response:
-                await response.read()
-                result = classify(response.status, response.headers)
-        except TargetRefused as exc:
-            return SendResult("permanent", error=str(exc))
-        except (ValueError, aiohttp.InvalidURL) as exc:
-            return SendResult("permanent", error=f"not a usable URL: {exc}"[:300])
-        except TimeoutError:
-            return SendResult("transient", error=f"timed out after {self._timeout:g}s")
-        except aiohttp.ClientError as exc:
-            refused = _refusal(exc)
-            if refused is not None:
-                return SendResult("permanent", error=str(refused))
-            return SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:300])
+        result = await self._http.post(endpoint.address, body, headers, classify)
         if result.outcome == "ok" and result.provider_message_id is None:
             result = SendResult("ok", result.status_code, provider_message_id=msg_id)
         return result
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-def _refusal(exc: BaseException) -> TargetRefused | None:
-    """The guard's refusal, when the pool wrapped it in a connection error."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, TargetRefused):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+        await self._http.aclose()

@@ -176,6 +176,81 @@ class WebhookSettings(BaseModel):
     allow_private_targets: bool = False
 
 
+SMTP_TLS: tuple[str, ...] = ("none", "starttls", "implicit")
+
+
+class SmtpSettings(BaseModel):
+    """The email provider: one SMTP relay, a pool of kept-open connections to it."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    # The relay every email goes through; `herald deliver --channel email` refuses to start without it.
+    host: str | None = None
+    port: int = Field(default=587, ge=1, le=65535)
+    # none: plain SMTP (a local relay); starttls: upgrade after EHLO, and refuse a server that
+    # cannot; implicit: TLS from the first byte (SMTPS, port 465).
+    tls: str = "starttls"
+    username: str | None = None
+    password: SecretStr | None = None
+    # The From header and the envelope sender: `herald <notifications@example.com>`.
+    from_: str | None = Field(default=None, alias="from")
+    # Per SMTP command (connect, each reply); a timeout is transient.
+    timeout_s: float = Field(default=10.0, gt=0)
+    # Connections kept open to the relay per process; each carries one message at a time.
+    pool_size: int = Field(default=20, ge=1, le=1000)
+    # Templates replacing the built-in ones (string.Template: $title, $summary, $url, $items,
+    # $unsubscribe_url, $severity); every value is HTML-escaped in the HTML one.
+    text_template: Path | None = None
+    html_template: Path | None = None
+
+    @field_validator("tls")
+    @classmethod
+    def _known_tls(cls, value: str) -> str:
+        if value not in SMTP_TLS:
+            raise ValueError(f"unknown tls {value!r}: use one of {', '.join(SMTP_TLS)}")
+        return value
+
+    @field_validator("from_")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.search(r"[^@\s<>]+@[^@\s<>]+\.?[^@\s<>]*", value):
+            raise ValueError(f"{value!r} is not an email address (like herald <notify@example.com>)")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> SmtpSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password, or neither")
+        if self.password is not None and self.tls == "none":
+            raise ValueError("a password over plain SMTP (tls none) would travel in clear: use starttls")
+        return self
+
+
+class PushSettings(BaseModel):
+    """The Web Push provider (RFC 8030/8291/8292)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # The application server's P-256 private key, base64url (`herald vapid generate` prints one,
+    # and the public key the web app subscribes with).
+    vapid_private_key: SecretStr | None = None
+    # The VAPID contact: mailto:ops@example.com or an https URL.
+    vapid_subject: str | None = None
+    # Push services are public https endpoints; loopback and private ones (and plain http on
+    # them) only with this set (tests, herald dev).
+    allow_private_targets: bool = False
+    timeout_s: float = Field(default=10.0, gt=0)
+    # How long the push service keeps a message for an offline device (the TTL header).
+    ttl_s: int = Field(default=86_400, ge=0, le=28 * 86_400)
+
+    @field_validator("vapid_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(mailto:[^@\s]+@\S+|https://\S+)$", value):
+            raise ValueError("must be mailto:someone@example.com or an https:// URL (RFC 8292)")
+        return value
+
+
 class DigestSettings(BaseModel):
     """``herald digest``: when windows close, how large they grow, what a digest shows."""
 
@@ -468,6 +543,8 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    push: PushSettings = Field(default_factory=PushSettings)
     digest: DigestSettings = Field(default_factory=DigestSettings)
     # The product's web app: the base of relative target_urls in external messages.
     app_url: str | None = None

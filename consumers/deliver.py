@@ -20,7 +20,7 @@ and claiming while they run. For each batch, in this order:
    tier, permanent ones and exhausted retries to the channel's dead-letter topic, held
    ones to their parking tier); wait for the broker's acknowledgement.
 5. **Record** attempts (one row per try and endpoint) and outcomes in one transaction,
-   and disable endpoints that answered 410.
+   and disable endpoints that are gone (a webhook's 410, a push subscription's 404 or 410).
 
 Steps 4 and 5 run for whatever has finished, whichever batch it came from, many
 deliveries per transaction. The loop commits each partition's offset only up to its
@@ -176,7 +176,9 @@ def settle(work: Work, max_attempts: int) -> Verdict:
     values = set(outcomes.values())
     if "permanent" in values:
         return Verdict("failed", "permanent", error or "refused by an endpoint on an earlier try")
-    if "gone" in values:
+    if "gone" in values and "ok" not in values:
+        # Every endpoint is gone. One gone beside one that took it (a user's old browser's
+        # push subscription beside the current one) is a delivery made: the gone one is disabled.
         return Verdict("failed", "endpoint_gone", error or "the endpoint answered 410 Gone on an earlier try")
     return Verdict("sent", None, None)
 

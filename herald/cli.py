@@ -100,6 +100,15 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_vapid(args: argparse.Namespace, settings: Settings) -> int:
+    from channels.push import generate_keys
+
+    private, public = generate_keys()
+    print(f"HERALD_PUSH__VAPID_PRIVATE_KEY={private}")
+    print(f"# the web app's applicationServerKey (pushManager.subscribe): {public}")
+    return 0
+
+
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     from api.auth import mint
 
@@ -171,7 +180,7 @@ def cmd_endpoints(args: argparse.Namespace, settings: Settings) -> int:
     db = Database.from_settings(settings)
     try:
         if args.endpoints_command == "add":
-            address = _check_endpoint(args.channel, args.address)
+            address = _check_endpoint(args.channel, args.address, settings.push.allow_private_targets)
             secret = _webhook_secret(args) if args.channel == "webhook" else None
             add_endpoint(db, args.user, args.channel, address, secret)
             print(f"added {args.channel} endpoint for {args.user}")
@@ -202,31 +211,13 @@ def _webhook_secret(args: argparse.Namespace) -> str:
     return secret
 
 
-def _check_endpoint(channel: str, address: str) -> str:
-    if channel == "email" and ("@" not in address or " " in address):
-        raise ConfigError(f"not an email address: {address!r}")
-    if channel == "webhook" and not address.startswith(("https://", "http://")):
-        raise ConfigError(f"a webhook endpoint must be an http(s) URL, got {address!r}")
-    if channel == "push":
-        try:
-            sub = json.loads(address)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"a push subscription must be JSON: {exc}") from exc
-        keys = sub.get("keys") if isinstance(sub, dict) else None
-        endpoint = sub.get("endpoint") if isinstance(sub, dict) else None
-        usable = (
-            isinstance(endpoint, str)
-            and endpoint.startswith("https://")
-            and isinstance(keys, dict)
-            and all(isinstance(keys.get(k), str) and keys[k] for k in ("p256dh", "auth"))
-        )
-        if not usable:
-            raise ConfigError(
-                'a push subscription needs "endpoint" and "keys": an https:// endpoint, '
-                'and keys with non-empty "p256dh" and "auth"'
-            )
-        return json.dumps(sub, separators=(",", ":"), sort_keys=True)
-    return address
+def _check_endpoint(channel: str, address: str, allow_http_push: bool = False) -> str:
+    from core.endpoints import endpoint_address
+
+    try:
+        return endpoint_address(channel, address, allow_http_push)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -288,9 +279,11 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         return run_deliver_bench(
             settings,
             channel=args.channel,
-            deliveries=args.deliveries,
+            deliveries=args.deliveries or (20_000 if args.channel == "email" else 50_000),
             users=args.users,
-            latency_ms=args.latency_ms,
+            latency_ms=args.latency_ms
+            if args.latency_ms is not None
+            else (5 if args.channel == "email" else 50),
             concurrency=args.concurrency,
         )
     from herald.bench.ingest import run_ingest_bench
@@ -434,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         "failures through HERALD_DELIVERY__RETRY_TIERS and dead-letters the rest to "
         "<prefix>.deliveries.<channel>.dlq.",
     )
-    s.add_argument("--channel", required=True, choices=["webhook"], help="the channel to deliver")
+    s.add_argument(
+        "--channel", required=True, choices=["email", "push", "webhook"], help="the channel to deliver"
+    )
     s.add_argument("--group", help="consumer group (default herald-deliver-<channel>)")
     s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
@@ -460,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(RS256). Stops cleanly on SIGTERM.",
     )
     s.set_defaults(func=cmd_api)
+
+    s = sub.add_parser("vapid", help="Web Push keys (HERALD_PUSH__VAPID_PRIVATE_KEY)")
+    vsub = s.add_subparsers(dest="vapid_command", required=True, metavar="ACTION")
+    vsub.add_parser(
+        "generate",
+        help="print a new VAPID key pair: the private key setting and the web app's applicationServerKey",
+    )
+    s.set_defaults(func=cmd_vapid)
 
     s = sub.add_parser(
         "token",
@@ -612,15 +615,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd = bsub.add_parser(
         "deliver",
-        help="deliveries per second through one `herald deliver` process, to a receiver that takes 50 ms",
+        help="deliveries per second through one `herald deliver` process, to a loopback receiver",
         description="Queues --deliveries critical events through the real ingest, then times one "
         "`herald deliver` process (its own) sending them to a loopback receiver in its own process "
-        "that verifies each signature and answers after --latency-ms. The last line is one JSON object.",
+        "(a webhook receiver that verifies each signature, or an SMTP server that counts each "
+        "Message-ID) that answers after --latency-ms. The last line is one JSON object.",
     )
-    bd.add_argument("--channel", choices=("webhook",), default="webhook")
-    bd.add_argument("--deliveries", type=int, default=50_000, help="default 50000")
+    bd.add_argument("--channel", choices=("webhook", "email"), default="webhook")
+    bd.add_argument("--deliveries", type=int, help="default 50000 (webhook), 20000 (email)")
     bd.add_argument("--users", type=int, default=1_000, help="users, one endpoint each (default 1000)")
-    bd.add_argument("--latency-ms", type=int, default=50, help="the receiver's answer time (default 50)")
+    bd.add_argument(
+        "--latency-ms",
+        type=int,
+        help="the receiver's answer time (default 50 for a webhook, 5 for an SMTP relay's DATA)",
+    )
     bd.add_argument(
         "--concurrency",
         type=int,

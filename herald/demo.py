@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import http_ece
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from py_vapid import Vapid02
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from channels.push import b64url
 from config.settings import Settings
 from core.errors import HeraldError
 from core.webhooks import new_secret
@@ -87,10 +94,43 @@ class LoopbackReceiver:
         return code
 
 
+class LoopbackPush(LoopbackReceiver):
+    """The demo's Web Push service on 127.0.0.1, holding the demo browser's subscription key:
+    it checks the VAPID signature (py-vapid), decrypts each message (http-ece) and counts it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._auth = os.urandom(16)
+        self.decrypted = 0
+        self.refused = 0
+
+    def subscription(self) -> str:
+        """The browser's ``PushSubscription`` JSON for ``/push``."""
+        point = self._key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        keys = {"p256dh": b64url(point), "auth": b64url(self._auth)}
+        return json.dumps({"endpoint": self.url("/push"), "keys": keys}, sort_keys=True)
+
+    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        lower = {k.lower(): v for k, v in headers.items()}
+        try:
+            if not Vapid02.verify(lower.get("authorization", "")):
+                raise ValueError("bad VAPID signature")
+            json.loads(
+                http_ece.decrypt(body, private_key=self._key, auth_secret=self._auth, version="aes128gcm")
+            )
+        except Exception:  # noqa: BLE001 (whatever fails, the demo counts it as refused)
+            with self._lock:
+                self.refused += 1
+            return 400
+        with self._lock:
+            self.decrypted += 1
+        return 201
+
+
 DEMO_SOURCE = "dev"
-
-
-PUSH_SUB = '{"endpoint":"https://push.example/abc","keys":{"p256dh":"BAbc","auth":"xyz"}}'
 
 
 STORM = 30
@@ -195,9 +235,13 @@ def post_via_receiver(settings: Settings, url: str, events: list[dict[str, Any]]
     return positions
 
 
-def run_demo(settings: Settings, receiver_url: str | None = None) -> int:
+def run_demo(
+    settings: Settings, receiver_url: str | None = None, mail: Callable[[], int] | None = None
+) -> int:
+    """The demo burst and its report; ``mail`` counts the messages herald dev's catcher holds."""
     run = uuid.uuid4().hex[:6]
     hooks = LoopbackReceiver()
+    pushes = LoopbackPush()
     db = Database.from_settings(settings)
     try:
         # Webhooks: alice has a good and a flaky endpoint, bob a good one, dave one that refuses.
@@ -207,7 +251,7 @@ def run_demo(settings: Settings, receiver_url: str | None = None) -> int:
                 add_endpoint(db, f"{user}-{run}", "webhook", hooks.url(path), hooks.secret)
         set_preferences(db, f"alice-{run}", {"email": True, "push": True})
         add_endpoint(db, f"alice-{run}", "email", "alice@example.com")
-        add_endpoint(db, f"alice-{run}", "push", PUSH_SUB)
+        add_endpoint(db, f"alice-{run}", "push", pushes.subscription())
         set_preferences(db, f"bob-{run}", {"email": True})
         add_endpoint(db, f"bob-{run}", "email", "bob@example.com")
         set_preferences(db, f"carol-{run}", {"in_app": False, "email": True})
@@ -243,11 +287,20 @@ def run_demo(settings: Settings, receiver_url: str | None = None) -> int:
         f"demo {run}: waiting for webhook deliveries (a retry tier is {settings.delivery.retry_tiers[0]}) ..."
     )
     webhooks = wait_webhooks(settings, run, timeout=90)
+    emails = wait_webhooks(settings, run, timeout=30, channel="email")
+    push = wait_webhooks(settings, run, timeout=30, channel="push")
     print(f"demo {run}: waiting for the digest windows to close (window end + grace) ...", flush=True)
     digests = wait_digests(settings, run, timeout=90)
     print()
     report(settings, run, events, {o for _, _, o in positions})
     print_webhooks(webhooks, hooks)
+    print_emails(emails, mail)
+    sent = sum(1 for status, _, _ in push if status == "sent")
+    print(
+        f"  push messages sent       {sent}  (the loopback push service decrypted {pushes.decrypted}, "
+        f"refused {pushes.refused})",
+        flush=True,
+    )
     print_digests(digests, run)
     print(
         '\n  look: psql "$HERALD_DATABASE_URL" -c '  # noqa: S608 (a hint printed for the operator)
@@ -259,25 +312,27 @@ def run_demo(settings: Settings, receiver_url: str | None = None) -> int:
     return 0
 
 
-def _webhook_rows(settings: Settings, run: str) -> list[tuple[str, int, str]]:
+def _delivery_rows(settings: Settings, run: str, channel: str) -> list[tuple[str, int, str]]:
     db = Database.from_settings(settings)
     try:
         with db.transaction() as cur:
             cur.execute(
                 "SELECT status, attempts, coalesce(status_reason, '') FROM deliveries"
-                " WHERE channel = 'webhook' AND route = 'immediate' AND user_id LIKE %s",
-                (f"%-{run}",),
+                " WHERE channel = %s AND route = 'immediate' AND user_id LIKE %s",
+                (channel, f"%-{run}"),
             )
             return [(str(r[0]), int(str(r[1])), str(r[2])) for r in cur.fetchall()]
     finally:
         db.close()
 
 
-def wait_webhooks(settings: Settings, run: str, timeout: float) -> list[tuple[str, int, str]]:
-    """Until every webhook delivery of this run is final (or ``timeout``: then as they stand)."""
+def wait_webhooks(
+    settings: Settings, run: str, timeout: float, channel: str = "webhook"
+) -> list[tuple[str, int, str]]:
+    """Until every delivery of this run on ``channel`` is final (or ``timeout``: then as they stand)."""
     deadline = time.monotonic() + timeout
     while True:
-        rows = _webhook_rows(settings, run)
+        rows = _delivery_rows(settings, run, channel)
         if rows and all(status in FINAL for status, _, _ in rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
@@ -339,6 +394,15 @@ def print_webhooks(rows: list[tuple[str, int, str]], hooks: LoopbackReceiver) ->
     ]
     if pending:
         lines.append(f"webhooks still retrying  {len(pending)}")
+    print("\n".join(f"  {line}" for line in lines), flush=True)
+
+
+def print_emails(rows: list[tuple[str, int, str]], mail: Callable[[], int] | None) -> None:
+    sent = [r for r in rows if r[0] == "sent"]
+    other = Counter(f"{status} {reason}".strip() for status, _, reason in rows if status != "sent")
+    lines = [f"emails sent              {len(sent)}  ({_counts(other) if other else 'all of them'})"]
+    if mail is not None:
+        lines.append(f"mail catcher             {mail()} messages kept (the path is printed above)")
     print("\n".join(f"  {line}" for line in lines), flush=True)
 
 

@@ -3,7 +3,10 @@
 Start-up order: PostgreSQL, broker, migrations, topics, the herald processes (ingest,
 one deliverer per channel, the digest process, the API, and the webhook receiver on a
 free port; ``--demo`` gives digests 10 s windows unless set); only when
-all of them are ready is ``.herald/dev.env`` written. With no receiver source configured,
+all of them are ready is ``.herald/dev.env`` written. Email goes to a loopback SMTP catcher
+(aiosmtpd, in this process) that keeps every message in a Maildir under the dev folder,
+unless ``HERALD_SMTP__HOST`` names a relay; push is signed with VAPID keys generated for the
+run unless ``HERALD_PUSH__VAPID_PRIVATE_KEY`` is set; both go to dev.env. With no receiver source configured,
 the receiver gets a ``dev`` source (standard-webhooks) with a secret generated for this
 run, written to dev.env so that ``herald produce --to-receiver "$HERALD_RECEIVER_URL"
 --source dev`` can sign for it. ``--no-processes`` starts only the broker, PostgreSQL,
@@ -76,6 +79,49 @@ class Child:
                 self.proc.wait()
 
 
+class MailCatcher:
+    """A loopback SMTP server that keeps every message in a Maildir (``folder/new``)."""
+
+    def __init__(self, folder: Path) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.handlers import Mailbox
+
+        self.folder = folder
+        self.port = free_port()
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every connection
+        self._controller = Controller(Mailbox(folder), hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> MailCatcher:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+        self._controller.loop.close()
+
+    def count(self) -> int:
+        return sum(1 for _ in (self.folder / "new").iterdir()) if (self.folder / "new").is_dir() else 0
+
+
+def with_channels(settings: Settings, catcher: MailCatcher | None) -> Settings:
+    """Email to the catcher (unless a relay is configured) and VAPID keys for push (unless set)."""
+    from channels.push import generate_keys
+
+    smtp = settings.smtp
+    if smtp.host is None and catcher is not None:
+        smtp = smtp.model_copy(
+            update={"host": "127.0.0.1", "port": catcher.port, "tls": "none", "from_": "herald@localhost"}
+        )
+    elif smtp.from_ is None:
+        smtp = smtp.model_copy(update={"from_": "herald@localhost"})
+    push = settings.push
+    if push.vapid_private_key is None:
+        push = push.model_copy(update={"vapid_private_key": SecretStr(generate_keys()[0])})
+    if push.vapid_subject is None:
+        push = push.model_copy(update={"vapid_subject": "mailto:herald@localhost"})
+    return settings.model_copy(update={"smtp": smtp, "push": push})
+
+
 def dev_env_lines(settings: Settings, receiver_url: str | None = None) -> str:
     """What dev.env holds; every value is shell-safe unquoted (``set -a; . dev.env``)."""
     lines = (
@@ -91,6 +137,19 @@ def dev_env_lines(settings: Settings, receiver_url: str | None = None) -> str:
         lines += f"HERALD_UNSUBSCRIBE_SECRET={settings.unsubscribe_secret.get_secret_value()}\n"
     if settings.public_url is not None:
         lines += f"HERALD_PUBLIC_URL={settings.public_url}\n"
+    # The channels' dev settings: the mail catcher (never a configured relay's password) and
+    # the VAPID key, so `herald deliver --channel email|push` runs from a dev.env shell.
+    smtp = settings.smtp
+    if smtp.host is not None and smtp.password is None:
+        lines += (
+            f"HERALD_SMTP__HOST={smtp.host}\nHERALD_SMTP__PORT={smtp.port}\nHERALD_SMTP__TLS={smtp.tls}\n"
+        )
+    if smtp.from_ is not None and " " not in smtp.from_:
+        lines += f"HERALD_SMTP__FROM={smtp.from_}\n"
+    if settings.push.vapid_private_key is not None:
+        lines += f"HERALD_PUSH__VAPID_PRIVATE_KEY={settings.push.vapid_private_key.get_secret_value()}\n"
+    if settings.push.vapid_subject is not None:
+        lines += f"HERALD_PUSH__VAPID_SUBJECT={settings.push.vapid_subject}\n"
     if receiver_url:
         lines += f"HERALD_RECEIVER_URL={receiver_url}\n"
     return lines
@@ -202,7 +261,8 @@ def run_dev(
         ensure_topics(dev, [*topics.ingest_topics(), *channel_topics, *map(topics.deliveries_dlq, PROVIDERS)])
         logdir = root / "logs"
         logdir.mkdir(exist_ok=True)
-        dev = with_api(dev, free_port())
+        catcher = None if settings.smtp.host else stack.enter_context(MailCatcher(root / "mail"))
+        dev = with_channels(with_api(dev, free_port()), catcher)
         child_env = child_environment(os.environ, dev, config_file)
         if demo:
             child_env = {**DEMO_DIGEST, **child_env}  # unless the caller set them
@@ -212,8 +272,12 @@ def run_dev(
             children = [
                 Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)
             ]
-            # Dev is loopback: its webhook receivers (the demo's) live on 127.0.0.1.
-            deliver_env = {**child_env, "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS": "true"}
+            # Dev is loopback: its webhook receivers and push service (the demo's) live on 127.0.0.1.
+            deliver_env = {
+                **child_env,
+                "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS": "true",
+                "HERALD_PUSH__ALLOW_PRIVATE_TARGETS": "true",
+            }
             children += [
                 Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS
             ]
@@ -244,11 +308,11 @@ def run_dev(
         env_file.touch(mode=0o600)  # it holds the dev secrets: never readable by others
         env_file.write_text(env_lines)
         stack.callback(env_file.unlink, missing_ok=True)
-        _print_ready(dev, env_file, children, topics)
+        _print_ready(dev, env_file, children, topics, catcher)
         if demo:
             from herald.demo import run_demo, send_center_samples
 
-            run_demo(dev, receiver_url=receiver_url)
+            run_demo(dev, receiver_url=receiver_url, mail=catcher.count if catcher else None)
             send_center_samples(dev, DEV_USER)
             print("\nherald dev keeps running; Ctrl-C stops it.", flush=True)
         while not stopper.event.wait(1.0):
@@ -276,7 +340,9 @@ def _env_pairs(settings: Settings) -> dict[str, str]:
     return dict(line.split("=", 1) for line in dev_env_lines(settings).splitlines())
 
 
-def _print_ready(settings: Settings, env_file: Path, children: list[Child], topics: Topics) -> None:
+def _print_ready(
+    settings: Settings, env_file: Path, children: list[Child], topics: Topics, catcher: MailCatcher | None
+) -> None:
     url = settings.database_url.get_secret_value()
     print(
         "\nherald dev is ready.\n"
@@ -291,6 +357,12 @@ def _print_ready(settings: Settings, env_file: Path, children: list[Child], topi
     )
     if any(child.name == "api" for child in children):
         print(f"  center      {center_url(settings)}  ({DEV_USER}'s inbox, live)\n", flush=True)
+    if catcher is not None:
+        print(
+            f"  mail        smtp://127.0.0.1:{catcher.port} keeps every email in {catcher.folder}/new"
+            " (a Maildir: one file per message)\n",
+            flush=True,
+        )
     for child in children:
         if child.url:
             print(f"  {child.name:<16} {child.url}/webhooks/<source>")

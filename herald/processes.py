@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.base import Provider
-from channels.webhook import WebhookProvider
 from config.settings import Settings
 from consumers.decode import Decoder
 from consumers.deliver import DeliverHandler
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 INGEST_GROUP = "herald-ingest"
 DIGEST_GROUP = "herald-digest"
 # Channels with a provider: `herald deliver --channel` takes these, `herald dev` runs one each.
-PROVIDERS = ("webhook",)
+PROVIDERS = ("email", "push", "webhook")
 
 
 def deliver_group(channel: str) -> str:
@@ -40,8 +39,19 @@ def deliver_group(channel: str) -> str:
 
 
 def build_provider(settings: Settings, channel: str) -> Provider:
+    """The channel's provider; a ConfigError (one line) when its settings are missing."""
     if channel == "webhook":
+        from channels.webhook import WebhookProvider
+
         return WebhookProvider(settings)
+    if channel == "email":
+        from channels.email import EmailProvider
+
+        return EmailProvider(settings)
+    if channel == "push":
+        from channels.push import PushProvider
+
+        return PushProvider(settings)
     raise ConfigError(f"no provider for channel {channel!r} yet: choose one of {', '.join(PROVIDERS)}")
 
 

@@ -100,3 +100,39 @@ async def write_preferences(conn: AsyncConn, user_id: str, changes: dict[str, An
     row = await cur.fetchone()
     assert row is not None
     return dict(zip((*_PREF_COLUMNS, "categories"), row, strict=True))
+
+
+# Endpoints through the API: always with the owner condition; webhooks (and their secrets) are
+# the CLI's, never listed here.
+
+_ADD_ENDPOINT_SQL = (
+    b"INSERT INTO channel_endpoints (user_id, channel, address) VALUES (%s, %s, %s)"
+    b" ON CONFLICT (user_id, channel, address) DO UPDATE SET disabled_at = NULL RETURNING id"
+)
+_LIST_ENDPOINTS_SQL = (
+    b"SELECT id, channel, address, created_at FROM channel_endpoints"
+    b" WHERE user_id = %s AND channel = ANY(%s) AND disabled_at IS NULL ORDER BY id"
+)
+_REMOVE_ENDPOINT_SQL = (
+    b"UPDATE channel_endpoints SET disabled_at = now()"
+    b" WHERE id = %s AND user_id = %s AND channel = ANY(%s) AND disabled_at IS NULL RETURNING id"
+)
+
+
+async def save_endpoint(conn: AsyncConn, user_id: str, channel: str, address: str) -> int:
+    """Add (or re-enable) the endpoint; returns its id."""
+    cur = await conn.execute(_ADD_ENDPOINT_SQL, (user_id, channel, address))
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def user_endpoints(conn: AsyncConn, user_id: str, channels: list[str]) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(_LIST_ENDPOINTS_SQL, (user_id, channels))
+    return list(await cur.fetchall())
+
+
+async def remove_endpoint(conn: AsyncConn, user_id: str, endpoint_id: int, channels: list[str]) -> bool:
+    """Disable the user's own endpoint (delivery attempts keep pointing at it); False if none."""
+    cur = await conn.execute(_REMOVE_ENDPOINT_SQL, (endpoint_id, user_id, channels))
+    return await cur.fetchone() is not None

@@ -98,7 +98,8 @@ def test_endpoints_add_then_list(backend: Backend) -> None:
     u = user()
     out = herald(backend, "endpoints", "add", u, "email", "a@b.co")
     assert out.returncode == 0, out.stderr
-    sub = json.dumps({"endpoint": "https://push.example.com/s/1", "keys": {"p256dh": "BPk", "auth": "x1"}})
+    keys = {"p256dh": "B" + "A" * 86, "auth": "A" * 22}  # a 65-byte point and 16 bytes, base64url
+    sub = json.dumps({"endpoint": "https://push.example.com/s/1", "keys": keys})
     out = herald(backend, "endpoints", "add", u, "push", sub)
     assert out.returncode == 0, out.stderr
     out = herald(backend, "endpoints", "add", u, "email", "a@b.co")  # adding twice keeps one

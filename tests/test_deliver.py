@@ -61,26 +61,51 @@ def dsettings(backend: Backend) -> Settings:
     return deliver_settings(backend)
 
 
-def start_deliver(settings: Settings, group: str | None = None) -> RunThread[DeliverRun]:
+def start_deliver(
+    settings: Settings, group: str | None = None, channel: str = "webhook"
+) -> RunThread[DeliverRun]:
     return start_thread(
         "deliver",
         group or f"d-{uuid.uuid4().hex[:8]}",
-        lambda g, st: run_deliver(settings, "webhook", group=g, stopper=st),
+        lambda g, st: run_deliver(settings, channel, group=g, stopper=st),
     )
 
 
-def user_with(db: Conn, settings: Settings, user: str, *urls: str) -> list[int]:
-    """A user who wants webhooks, with these endpoints (all signed with SECRET)."""
+def wants(
+    db: Conn,
+    settings: Settings,
+    user: str,
+    channel: str,
+    addresses: tuple[str, ...],
+    secret: str | None = None,
+) -> list[int]:
+    """A user who wants ``channel``, with these endpoints (URLs, email addresses, subscriptions)."""
     db.execute(
-        "INSERT INTO notification_preferences (user_id, webhook) VALUES (%s, true)"
-        " ON CONFLICT (user_id) DO UPDATE SET webhook = true",
+        f"INSERT INTO notification_preferences (user_id, {channel}) VALUES (%s, true)"  # noqa: S608
+        f" ON CONFLICT (user_id) DO UPDATE SET {channel} = true",
         (user,),
     )
     d = Database.from_settings(settings)
     try:
-        return [add_endpoint(d, user, "webhook", url, SECRET) for url in urls]
+        return [add_endpoint(d, user, channel, a, secret) for a in addresses]
     finally:
         d.close()
+
+
+def user_with(db: Conn, settings: Settings, user: str, *urls: str) -> list[int]:
+    """A user who wants webhooks, with these endpoints (all signed with SECRET)."""
+    return wants(db, settings, user, "webhook", urls, SECRET)
+
+
+def deliver_until_final(
+    settings: Settings, db: Conn, user: str, n: int = 1, channel: str = "webhook", timeout: float = 30
+) -> None:
+    """Run the channel's deliverer until ``user``'s ``n`` deliveries are final."""
+    runner = start_deliver(settings, channel=channel)
+    try:
+        wait_until(final(db, user, n, channel), timeout=timeout, what=f"{user}'s {channel} deliveries final")
+    finally:
+        runner.stop()
 
 
 def send_events(settings: Settings, *events: dict[str, Any]) -> None:
@@ -96,26 +121,26 @@ def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "co
     raise AssertionError(f"{what} not reached in {timeout}s")
 
 
-def rows(db: Conn, user: str) -> list[dict[str, Any]]:
+def rows(db: Conn, user: str, channel: str = "webhook") -> list[dict[str, Any]]:
     cur = db.execute(
         "SELECT id, status, status_reason, attempts, last_error, provider_message_id, sent_at"
-        " FROM deliveries WHERE user_id = %s AND channel = 'webhook' ORDER BY created_at",
-        (user,),
+        " FROM deliveries WHERE user_id = %s AND channel = %s ORDER BY created_at",
+        (user, channel),
     )
     names = [c.name for c in cur.description or []]
     return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
-def final(db: Conn, user: str, n: int = 1) -> Callable[[], bool]:
+def final(db: Conn, user: str, n: int = 1, channel: str = "webhook") -> Callable[[], bool]:
     def check() -> bool:
-        got = rows(db, user)
+        got = rows(db, user, channel)
         return len(got) == n and all(r["status"] in ("sent", "failed", "skipped") for r in got)
 
     return check
 
 
-def dlq(settings: Settings) -> list[Record]:
-    return read_topic(settings, Topics(settings.topic_prefix).deliveries_dlq("webhook"), timeout=10)
+def dlq(settings: Settings, channel: str = "webhook") -> list[Record]:
+    return read_topic(settings, Topics(settings.topic_prefix).deliveries_dlq(channel), timeout=10)
 
 
 def critical(user: str, **fields: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,12 @@ def scale_settings(backend: Backend, **overrides: Any) -> Settings:
     return make_settings(backend.bootstrap, backend.database_url, **values)
 
 
-def statuses(db: Conn, user: str) -> Counter[str]:
-    return Counter(str(r["status"]) for r in rows(db, user))
+def statuses(db: Conn, user: str, channel: str = "webhook") -> Counter[str]:
+    return Counter(str(r["status"]) for r in rows(db, user, channel))
 
 
-def all_sent(db: Conn, user: str, n: int) -> bool:
-    return statuses(db, user) == Counter({"sent": n})
+def all_sent(db: Conn, user: str, n: int, channel: str = "webhook") -> bool:
+    return statuses(db, user, channel) == Counter({"sent": n})
 
 
 def test_provider_down_20s_then_up_every_delivery_arrives_once_and_no_attempt_is_wasted(
@@ -139,14 +139,16 @@ def test_one_host_down_the_other_keeps_flowing(db: Conn, backend: Backend, peers
     assert dlq(settings) == []
 
 
-def deliver_process(settings: Settings, group: str, log_dir: Path, **env: str) -> HeraldProcess:
+def deliver_process(
+    settings: Settings, group: str, log_dir: Path, channel: str = "webhook", **env: str
+) -> HeraldProcess:
     d = settings.delivery
     return HeraldProcess(
         settings,
         group,
         log_dir,
-        command=("deliver", "--channel", "webhook"),
-        name="deliver-webhook",
+        command=("deliver", "--channel", channel),
+        name=f"deliver-{channel}",
         HERALD_DELIVERY__RETRY_TIERS='["1s","2s"]',
         HERALD_DELIVERY__MAX_ATTEMPTS="5",
         HERALD_DELIVERY__LEASE_S=str(d.lease_s),
@@ -156,6 +158,28 @@ def deliver_process(settings: Settings, group: str, log_dir: Path, **env: str) -
         HERALD_APP_URL="https://app.example.com/",
         **env,
     )
+
+
+def kill_mid_flight(
+    proc: HeraldProcess, times: int, received: Callable[[], int], done: Callable[[], bool], seed: int
+) -> int:
+    """Start ``proc``, then SIGKILL it ``times`` times at random points after sends started
+    flowing in each run (``received`` counts what the peer got), restarting it each time;
+    stops early when ``done``. Returns the kills that landed; ``proc`` is left running."""
+    rng = random.Random(seed)  # noqa: S311 (test randomness, reproducible)
+    kills = 0
+    proc.start()
+    while kills < times:
+        proc.wait_assigned()
+        before = received()
+        wait_until(lambda b=before: received() > b + 20, what="sends flowing")  # type: ignore[misc]
+        time.sleep(rng.uniform(0.05, 0.6))
+        if done():
+            break
+        assert proc.kill(), proc.tails()
+        kills += 1
+        proc.start()
+    return kills
 
 
 def record_offsets(settings: Settings) -> dict[uuid.UUID, tuple[int, int]]:
@@ -213,21 +237,10 @@ def test_sigkill_mid_flight_five_times_loses_nothing(
     send_events(settings, *(critical("gus", title=f"n{i}") for i in range(n)))
     group = deliver_group("webhook") + "-" + uuid.uuid4().hex[:6]
     proc = deliver_process(settings, group, tmp_path, HERALD_SESSION_TIMEOUT_MS="3000")
-    rng = random.Random(9)  # noqa: S311 (test randomness, reproducible)
-    kills = 0
     try:
-        proc.start()
-        while kills < 5:
-            proc.wait_assigned()
-            # A random point after the sends started flowing in this run.
-            before = len(slow.at("/slow/40"))
-            wait_until(lambda b=before: len(slow.at("/slow/40")) > b + 20, what="sends flowing")  # type: ignore[misc]
-            time.sleep(rng.uniform(0.05, 0.6))
-            if statuses(db, "gus")["sent"] >= n:
-                break
-            assert proc.kill(), proc.tails()
-            kills += 1
-            proc.start()
+        kills = kill_mid_flight(
+            proc, 5, lambda: len(slow.at("/slow/40")), lambda: statuses(db, "gus")["sent"] >= n, seed=9
+        )
         wait_until(lambda: all_sent(db, "gus", n), timeout=120, what=f"all {n} sent")
     finally:
         proc.cleanup()

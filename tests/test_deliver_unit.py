@@ -32,6 +32,9 @@ def test_settle() -> None:
     assert (v.status, v.reason) == ("failed", "exhausted")
     assert (settle(work(1, {1: p}), 3).status, settle(work(1, {1: p}), 3).reason) == ("failed", "permanent")
     assert settle(work(1, {1: g}), 3).reason == "endpoint_gone"
+    # One push subscription gone, the user's other one took it: delivered (the gone one is disabled).
+    assert settle(work(1, {1: g, 2: ok}), 3).status == "sent"
+    assert settle(work(2, {2: g}, {1: "ok"}), 3).status == "sent"
     # A retry that found endpoint 2 fine, after endpoint 1 refused for good on try 1.
     assert settle(work(2, {2: ok}, {1: "permanent"}), 3).reason == "permanent"
     # Only the earlier try's success remains (the other endpoint was removed since): sent.

@@ -132,6 +132,25 @@ def test_dev_env_reaches_the_stack_and_goes_away(
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["email"] is True
 
+    # Email: dev.env points at the catcher, with the dev secrets; a critical lands in its Maildir.
+    assert {"HERALD_SMTP__HOST", "HERALD_UNSUBSCRIBE_SECRET", "HERALD_PUSH__VAPID_PRIVATE_KEY"} <= set(dev)
+    assert f"keeps every email in {folder / 'mail'}/new" in log.read_text()
+    for args in (
+        ("prefs", "set", "dev-mail", "--email", "on"),
+        ("endpoints", "add", "dev-mail", "email", "m@x.org"),
+    ):
+        run = cli(env, *args)
+        assert run.returncode == 0, run.stderr
+    critical = {"id": "dev-3", "type": "deploy.failed", "title": "Deploy failed", "user_id": "dev-mail"}
+    run = cli(env, "produce", json.dumps(critical | {"severity": "critical"}))
+    assert run.returncode == 0, run.stderr
+    deadline = time.monotonic() + 60
+    while not list((folder / "mail" / "new").glob("*")):
+        assert time.monotonic() < deadline, "no email reached the catcher in 60 s"
+        time.sleep(0.2)
+    (mail,) = (folder / "mail" / "new").glob("*")
+    assert b"Subject: Deploy failed" in mail.read_bytes() and b"List-Unsubscribe-Post" in mail.read_bytes()
+
     # psql: the URI is a plain libpq one; the running ingest stored the event.
     psql = str(PSQL) if PSQL.exists() else "psql"
     count = ""
