@@ -50,7 +50,8 @@ _STAGE_COLUMNS = (
     ("hidden", "bool"),
     ("occurred_at", "timestamptz"),
 )
-_NAMES = ", ".join(name for name, _ in _STAGE_COLUMNS)
+NOTIFICATION_COLUMNS = tuple(name for name, _ in _STAGE_COLUMNS)
+_NAMES = ", ".join(NOTIFICATION_COLUMNS)
 _STAGE_TYPES = [t for _, t in _STAGE_COLUMNS]
 # ON COMMIT DROP: nothing outlives the transaction (a pooler may hand the session on).
 _STAGE_SQL = (
@@ -152,30 +153,33 @@ def insert_notifications(cur: Cursor, rows: Sequence[Notification], hidden: Sequ
         copy.set_types(_STAGE_TYPES)
         write = copy.write_row
         for n, h in zip(rows, hidden, strict=True):
-            write(
-                (
-                    n.id,
-                    n.user_id,
-                    n.source,
-                    n.type,
-                    n.category,
-                    n.severity,
-                    n.title,
-                    n.body,
-                    n.summary,
-                    n.target_url,
-                    n.data,
-                    n.sensitive,
-                    n.idempotency_key,
-                    n.batch_key,
-                    h,
-                    n.occurred_at,
-                )
-            )
+            write(notification_row(n, h))
     cur.execute(_INSERT_NOTIFICATIONS_SQL)
     inserted = {row[0] for row in cur.fetchall()}
     cur.execute(_DROP_STAGE_SQL)
     return inserted
+
+
+def notification_row(n: Notification, hidden: bool) -> tuple[Any, ...]:
+    """One notification as stored, in ``NOTIFICATION_COLUMNS`` order (``data`` as its dict)."""
+    return (
+        n.id,
+        n.user_id,
+        n.source,
+        n.type,
+        n.category,
+        n.severity,
+        n.title,
+        n.body,
+        n.summary,
+        n.target_url,
+        n.data,
+        n.sensitive,
+        n.idempotency_key,
+        n.batch_key,
+        hidden,
+        n.occurred_at,
+    )
 
 
 def add_rate_counts(cur: Cursor, asked: dict[RateKey, int]) -> dict[RateKey, int]:

@@ -24,6 +24,7 @@ from core import policy
 from core.envelope import Notification, expand_all, parse
 from core.policy import Preferences
 from herald.bench.common import Conn, Cursor, check_durability, progress
+from storage.notifications import NOTIFICATION_COLUMNS, notification_row
 
 # One transaction per event, statement by statement (the seed article's design).
 _SEED_PREFS_SQL = """
@@ -100,27 +101,7 @@ def _seed_event(cur: Cursor, n: Notification, defaults: Preferences, settings: S
     assert row is not None
     cols = ("in_app", "email", "push", "webhook", "digest_minutes")
     prefs = defaults.merged(dict(zip(cols, row, strict=True)))
-    got = cur.execute(
-        _SEED_INSERT_SQL,
-        (
-            n.id,
-            n.user_id,
-            n.source,
-            n.type,
-            n.category,
-            n.severity,
-            n.title,
-            n.body,
-            n.summary,
-            n.target_url,
-            None if n.data is None else json.dumps(n.data),
-            n.sensitive,
-            n.idempotency_key,
-            n.batch_key,
-            not prefs.in_app,
-            n.occurred_at,
-        ),
-    ).fetchone()
+    got = cur.execute(_SEED_INSERT_SQL, _json_data(notification_row(n, not prefs.in_app))).fetchone()
     if got is None or got[0] == 0:
         return 0  # a duplicate: no delivery task (the seed's rule)
     for d in policy.plan(n, prefs):
@@ -147,10 +128,8 @@ class LimitResult:
         return self.records / self.seconds
 
 
-_NOTIFICATION_COLUMNS = (
-    "id, user_id, source, type, category, severity, title, body, summary, target_url, data,"
-    " sensitive, idempotency_key, batch_key, hidden, occurred_at"
-)
+_NOTIFICATION_COLUMNS = ", ".join(NOTIFICATION_COLUMNS)
+_DATA = NOTIFICATION_COLUMNS.index("data")
 _DELIVERY_COLUMNS = (
     "id, notification_id, user_id, channel, route, reason, window_start, window_seconds, published_at"
 )
@@ -224,27 +203,13 @@ def _lines(rows: Iterable[tuple[object, ...]]) -> bytes:
 
 
 def _notification_copy(rows: Sequence[Notification]) -> bytes:
-    return _lines(
-        (
-            n.id,
-            n.user_id,
-            n.source,
-            n.type,
-            n.category,
-            n.severity,
-            n.title,
-            n.body,
-            n.summary,
-            n.target_url,
-            None if n.data is None else json.dumps(n.data),
-            n.sensitive,
-            n.idempotency_key,
-            n.batch_key,
-            False,
-            n.occurred_at,
-        )
-        for n in rows
-    )
+    return _lines(_json_data(notification_row(n, False)) for n in rows)
+
+
+def _json_data(row: tuple[object, ...]) -> tuple[object, ...]:
+    """A stored row with its ``data`` as JSON text (a ``%s::jsonb`` parameter, a COPY field)."""
+    data = row[_DATA]
+    return (*row[:_DATA], None if data is None else json.dumps(data), *row[_DATA + 1 :])
 
 
 def _delivery_copy(rows: Sequence[policy.Decision], published_at: datetime) -> bytes:
