@@ -81,8 +81,10 @@ def test_the_truncation_boundary_card_and_an_email_in_a_link_never_leave(
     )
     ingest(settings, produce(settings, [e]))
     [record] = read_topic(settings, Topics(settings.topic_prefix).deliveries("email"))
-    text = (record.value or b"").decode()
-    payload = json.loads(text)
+    payload = json.loads(record.value or b"")
+    # Every field but the timestamps (validated datetimes, whose digits may spell "5500").
+    text = json.dumps({k: v for k, v in payload.items() if not k.endswith("_at")})
+    assert "title" in text and "summary" in text and "target_url" in text
     for secret in ("4111", "1111 1", "alice@example.com", "5500"):
         assert secret not in text, secret
     assert payload["target_url"] == "/users/[redacted]/billing"
