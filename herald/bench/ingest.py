@@ -557,7 +557,13 @@ def measure_latency(
     warm = sorted(d for t, d in delays if t >= first + WARMUP_MS) or sorted(d for _, d in delays)
     cold = max((d for t, d in delays if t < first + WARMUP_MS), default=0.0)
     return LatencyResult(
-        seconds, totals, _percentile(warm, 0.50), _percentile(warm, 0.99), warm[-1], len(warm), cold
+        seconds,
+        totals,
+        _percentile(warm, 0.50),
+        _percentile(warm, 0.99),
+        round(warm[-1], 1),
+        len(warm),
+        round(cold, 1),
     )
 
 
