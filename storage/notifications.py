@@ -53,11 +53,12 @@ _STAGE_COLUMNS = (
 NOTIFICATION_COLUMNS = tuple(name for name, _ in _STAGE_COLUMNS)
 _NAMES = ", ".join(NOTIFICATION_COLUMNS)
 _STAGE_TYPES = [t for _, t in _STAGE_COLUMNS]
-# ON COMMIT DROP: nothing outlives the transaction (a pooler may hand the session on).
+# Created and dropped inside the one statement sequence below: nothing outlives it (a
+# pooler may hand the session on), and a rollback takes it away with the rest.
 _STAGE_SQL = (
     "CREATE TEMPORARY TABLE herald_new_notifications ("
     + ", ".join(f"{name} {t}" for name, t in _STAGE_COLUMNS)
-    + ") ON COMMIT DROP"
+    + ")"
 )
 _COPY_STAGE_SQL = f"COPY herald_new_notifications ({_NAMES}) FROM STDIN (FORMAT BINARY)"
 _INSERT_NOTIFICATIONS_SQL = (
@@ -143,8 +144,8 @@ def load_preferences(cur: Cursor, user_ids: Sequence[str]) -> dict[str, dict[str
 def insert_notifications(cur: Cursor, rows: Sequence[Notification], hidden: Sequence[bool]) -> set[uuid.UUID]:
     """Insert what is new; returns the ids actually inserted (the rest were duplicates).
 
-    Callable more than once in one transaction (ingest's bisection does not, but a caller
-    may): the staging table is dropped after use.
+    The staging table is dropped after use, so this is callable more than once in one
+    transaction.
     """
     if not rows:
         return set()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from herald.embedded import free_port
 from herald.inspect import committed
 from tests.faults import HeraldProcess
 from tests.helpers import event, herald_cli, last_offsets, produce
+from tests.test_deliver import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,11 @@ def _inserted_by_worker(port: int) -> dict[str, float]:
     return out
 
 
-def _supervisor(settings: Settings, tmp_path: Path, port: int) -> HeraldProcess:
-    return HeraldProcess(
+def _start_supervisor(
+    settings: Settings, tmp_path: Path, port: int
+) -> tuple[HeraldProcess, list[psutil.Process]]:
+    """``herald ingest --workers 2`` on 4 partitions, started; returns it and its two workers."""
+    sup = HeraldProcess(
         settings,
         f"{settings.topic_prefix}-workers",
         tmp_path,
@@ -51,14 +54,11 @@ def _supervisor(settings: Settings, tmp_path: Path, port: int) -> HeraldProcess:
         HERALD_METRICS_HOST="127.0.0.1",
         HERALD_TOPIC_PARTITIONS="4",
     )
-
-
-def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    sup.start()
+    assert sup.proc is not None
+    pid = sup.proc.pid
+    wait_until(lambda: len(psutil.Process(pid).children()) == 2, 30, "two worker processes")
+    return sup, psutil.Process(pid).children()
 
 
 def test_two_workers_share_the_group_behind_one_endpoint(
@@ -66,24 +66,22 @@ def test_two_workers_share_the_group_behind_one_endpoint(
 ) -> None:
     settings = settings.model_copy(update={"topic_partitions": 4})
     port = free_port()
-    sup = _supervisor(settings, tmp_path, port)
-    sup.start()
+    sup, _ = _start_supervisor(settings, tmp_path, port)
     try:
         assert sup.proc is not None
-        _wait(lambda: len(psutil.Process(sup.proc.pid).children()) == 2, 30, "two worker processes")
         # Every record keyed by its user: the four partitions all get some.
         events = [event(user_id=f"w-user-{i % 40}") for i in range(400)]
         positions = []
         for i in range(0, 400, 40):
             positions += produce(settings, events[i : i + 40], key=f"k{i}".encode())
-        _wait(
+        wait_until(
             lambda: db.execute("SELECT count(*) FROM notifications").fetchone() == (400,),
             90,
             "400 notifications",
         )
         # One scrape, both workers' series, told apart by the worker label; together they
         # inserted every notification exactly once.
-        _wait(lambda: sum(_inserted_by_worker(port).values()) == 400, 30, "the metrics to add up")
+        wait_until(lambda: sum(_inserted_by_worker(port).values()) == 400, 30, "the metrics to add up")
         by_worker = _inserted_by_worker(port)
         assert set(by_worker) == {"0", "1"} and all(v > 0 for v in by_worker.values()), by_worker
         assert _get(port, "/healthz") == (200, "ok\n")
@@ -101,13 +99,10 @@ def test_two_workers_share_the_group_behind_one_endpoint(
 def test_a_dead_worker_stops_the_supervisor_and_its_sibling(settings: Settings, tmp_path: Path) -> None:
     settings = settings.model_copy(update={"topic_partitions": 4})
     port = free_port()
-    sup = _supervisor(settings, tmp_path, port)
-    sup.start()
+    sup, (first, second) = _start_supervisor(settings, tmp_path, port)
     try:
         assert sup.proc is not None
-        _wait(lambda: len(psutil.Process(sup.proc.pid).children()) == 2, 30, "two worker processes")
-        first, second = psutil.Process(sup.proc.pid).children()
-        _wait(lambda: _get(port, "/healthz")[0] == 200, 30, "health")
+        wait_until(lambda: _get(port, "/healthz")[0] == 200, 30, "health")
         os.kill(first.pid, signal.SIGKILL)
         assert sup.proc.wait(90) == 1
         assert "worker 0" in sup.log_text() or "worker 1" in sup.log_text()
@@ -119,12 +114,8 @@ def test_a_dead_worker_stops_the_supervisor_and_its_sibling(settings: Settings, 
 
 
 def test_a_killed_supervisor_leaves_no_worker_behind(settings: Settings, tmp_path: Path) -> None:
-    sup = _supervisor(settings, tmp_path, free_port())
-    sup.start()
+    sup, workers = _start_supervisor(settings, tmp_path, free_port())
     try:
-        assert sup.proc is not None
-        _wait(lambda: len(psutil.Process(sup.proc.pid).children()) == 2, 30, "two worker processes")
-        workers = psutil.Process(sup.proc.pid).children()
         # The supervisor's and both workers' metrics servers: each worker handles SIGTERM by now.
         assert sup.wait_count("serving /metrics", 3, 30), sup.log_text()[-3000:]
         sup.kill()

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -485,13 +485,9 @@ def measure_ingest_processes(
         positions = produce(settings, topic, work.records)
         watch = CommitWatch(settings, group, positions)
         try:
-            deadline = started + 120 + len(work.records) / 1000
-            while not watch.done():
-                if any(p.poll() is not None for p in procs):
-                    raise BenchError("an ingest process exited before the group committed the last offset")
-                if time.perf_counter() > deadline:
-                    raise BenchError("ingest processes did not commit every record in time")
-                time.sleep(0.05)
+            _until_committed(
+                watch, lambda: all(p.poll() is None for p in procs), started + 120 + len(work.records) / 1000
+            )
             meter.stop()
             return time.perf_counter() - started
         finally:
@@ -537,13 +533,7 @@ def measure_latency(
         positions = produce_steadily(settings, topic, work.records, rate)
         watch = CommitWatch(settings, group, positions)
         try:
-            deadline = time.perf_counter() + 120
-            while not watch.done():
-                if not run.alive():
-                    raise BenchError("ingest stopped before the group committed the last offset")
-                if time.perf_counter() > deadline:
-                    raise BenchError("ingest did not commit every record within 120 s of the last one")
-                time.sleep(0.05)
+            _until_committed(watch, run.alive, time.perf_counter() + 120)
             seconds = time.perf_counter() - started
             meter.stop()
         finally:
@@ -565,6 +555,17 @@ def measure_latency(
         len(warm),
         round(cold, 1),
     )
+
+
+def _until_committed(watch: CommitWatch, alive: Callable[[], bool], deadline: float) -> None:
+    """Until the group has committed past every record; BenchError if ingest stops or the
+    ``deadline`` (on the perf_counter clock) passes first."""
+    while not watch.done():
+        if not alive():
+            raise BenchError("ingest stopped before the group committed the last offset")
+        if time.perf_counter() > deadline:
+            raise BenchError("ingest did not commit every record in time")
+        time.sleep(0.05)
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
