@@ -34,9 +34,12 @@ ifneq ($(strip $(MISSING_TOOLS)),)
 	else echo "missing: $(MISSING_TOOLS); install them (Debian: apt-get install $(MISSING_TOOLS)) for the tests"; fi
 endif
 
-# The layers contract first: an upward import fails in seconds, naming the import.
+# The layers contract first: an upward import fails in seconds, naming the import. Then the
+# alert rules (promtool, from Debian's prometheus package) and their unit tests.
 test: $(STAMP) tools
 	$(BIN)/lint-imports
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
 	$(BIN)/pytest
 
 check: $(STAMP)

@@ -56,13 +56,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 
 from channels.base import Endpoint, Provider, SendResult
 from channels.breaker import CircuitBreaker
 from config.settings import Settings
-from consumers.dlq import dead_letter
+from consumers.dlq import count_dead_letters, dead_letter
 from consumers.loop import Deferral
+from consumers.outbox import H_EVENT_TIME
 from core import metrics
 from core.errors import HeraldError
 from producers.publisher import Headers, OutRecord, Publisher
@@ -271,6 +272,8 @@ class DeliverHandler:
             cooldown_s=b.cooldown_s,
         )
         self._metrics = metrics.deliver()
+        for outcome in OUTCOMES:
+            self._metrics.outcomes.labels(self.channel, outcome)
         self._aio: asyncio.AbstractEventLoop | None = None
         self._aio_thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # the event loop's own
@@ -474,8 +477,13 @@ class DeliverHandler:
                     breaker.cancelled(host, probe=gate == "probe")
                     raise
                 breaker.record(host, result.outcome == "transient", probe=gate == "probe")
-                self._metrics.send_seconds.labels(self.channel).observe(time.perf_counter() - t0)
-                self._metrics.sends.labels(self.channel, result.outcome).inc()
+                m = self._metrics
+                m.send_seconds.labels(self.channel).observe(time.perf_counter() - t0)
+                m.sends.labels(self.channel, result.outcome).inc()
+                m.responses.labels(self.channel, status_class(result.status_code)).inc()
+                if result.outcome == "ok":
+                    severity, since_ms = trip_start(w.item)
+                    m.latency.labels(self.channel, severity).observe(max(0.0, time.time() - since_ms / 1000))
                 w.results[endpoint.id] = result
                 w.attempts.append(
                     store.Attempt(
@@ -593,6 +601,9 @@ class DeliverHandler:
         for rec in records:
             if rec.reason is not None:
                 self._metrics.dead_letters.labels(channel, rec.reason).inc()
+        count_dead_letters(f"deliver-{channel}", records)
+        if unit.unreadable:
+            self._metrics.outcomes.labels(channel, "dlq").inc(len(unit.unreadable))
 
     def _tier_record(self, item: Item, index: int, delay: float, attempts: int, held: bool) -> OutRecord:
         due_ms = int((time.time() + delay) * 1000)
@@ -637,8 +648,8 @@ class DeliverHandler:
             updated = set()
         m = self._metrics
         for f in unit.finishes:
-            if f.id in updated and f.status != "retrying":
-                m.deliveries.labels(self.channel, f.status).inc()
+            if f.id in updated:
+                m.outcomes.labels(self.channel, OUTCOME_OF_STATUS.get(f.status, f.status)).inc()
         if len(updated) < len(unit.finishes):
             log.warning(
                 "deliver-%s: %d outcomes came after another consumer took the delivery over (lease expired)",
@@ -649,6 +660,36 @@ class DeliverHandler:
             m.skipped.labels(self.channel, reason).inc()
         if gone:
             m.endpoints_disabled.labels(self.channel).inc(len(set(gone)))
+
+
+# A finished delivery's status, as the outcome metric names it.
+OUTCOME_OF_STATUS = {"sent": "sent", "retrying": "retry", "failed": "dlq", "skipped": "skipped"}
+OUTCOMES = ("sent", "retry", "dlq", "skipped")
+SEVERITIES = frozenset({"info", "success", "warning", "critical"})
+
+
+def status_class(code: int | None) -> str:
+    """``2xx`` .. ``5xx`` for an HTTP status or an SMTP reply code; ``none`` when no answer came."""
+    if code is None or not 100 <= code <= 599:
+        return "none"
+    return f"{code // 100}xx"
+
+
+def trip_start(item: Item) -> tuple[str, int]:
+    """The severity label and the epoch ms a delivery's trip started: the event's record
+    timestamp (carried in a header), else this record's own (a digest: when its window closed)."""
+    payload = item.payload or {}
+    severity = "digest" if payload.get("type") == "digest" else str(payload.get("severity"))
+    if severity not in SEVERITIES and severity != "digest":
+        severity = "other"
+    raw = _header(item.msg, H_EVENT_TIME)
+    if raw:
+        try:
+            return severity, int(raw.decode())
+        except (ValueError, UnicodeDecodeError):
+            pass
+    kind, ts = item.msg.timestamp()
+    return severity, ts if kind != TIMESTAMP_NOT_AVAILABLE else int(time.time() * 1000)
 
 
 def _after_deferral(batch: Batch, item: Item) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
+from core import metrics
 from producers.publisher import H_VALUE_DROPPED, Headers, OutRecord
 
 H_TOPIC = "kafka_dlt-original-topic"
@@ -54,6 +55,19 @@ def dead_letter(msg: Message, dlq_topic: str, exc: BaseException, reason: str) -
         timestamp_ms=None,
         reason=reason,
     )
+
+
+def count_dead_letters(consumer: str, records: Iterable[OutRecord]) -> None:
+    """After the broker acknowledged them: each dead letter counts for its dead-letter topic
+    and reason, and as a failed record of the topic it was read from."""
+    m = metrics.loop()
+    for rec in records:
+        if rec.reason is None:
+            continue
+        m.dlq_records.labels(rec.topic, rec.reason).inc()
+        original = next((v for k, v in rec.headers if k == H_TOPIC), None)
+        topic = original.decode(errors="replace") if isinstance(original, bytes) else "unknown"
+        m.records_failed.labels(consumer, topic).inc()
 
 
 def utf8_cut(text: str, limit: int) -> bytes:

@@ -33,7 +33,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from config.settings import Settings
 from consumers import outbox
 from consumers.decode import Decoder
-from consumers.dlq import dead_letter
+from consumers.dlq import count_dead_letters, dead_letter
 from core import metrics, policy
 from core.envelope import BYTE_LIMITS, Notification, expand_all
 from core.errors import InvalidEvent, RecordRejected
@@ -75,7 +75,6 @@ class Prepared:
     dead: list[OutRecord]
     origin: dict[uuid.UUID, Message]
     outcome: BatchOutcome
-    started: float
 
 
 class IngestHandler:
@@ -109,14 +108,13 @@ class IngestHandler:
 
     def prepare(self, messages: Sequence[Message]) -> Prepared:
         """Steps 1 and 2: CPU only, so it can run while the previous batch is applied."""
-        started = time.perf_counter()
         outcome = BatchOutcome(records=len(messages))
         notes, dead, origin = self._validate(messages, outcome)
-        return Prepared(notes, dead, origin, outcome, started)
+        return Prepared(notes, dead, origin, outcome)
 
     def apply(self, prepared: Prepared) -> None:
         """Steps 3 to 5; safe to call again with the same batch after a retryable failure."""
-        notes, origin, started = prepared.notes, prepared.origin, prepared.started
+        notes, origin = prepared.notes, prepared.origin
         outcome = replace(prepared.outcome, by_channel={})
         dead = list(prepared.dead)
         try:
@@ -130,7 +128,7 @@ class IngestHandler:
             decisions, stale = self._bisect(notes, origin, outcome, dead)
         if self._on_commit is not None:
             self._on_commit(prepared, time.time())
-        out = [self._record(d) for d in decisions]
+        out = [self._record(d, origin) for d in decisions]
         out += [outbox.stored_record(s, self._topics, self._settings) for s in stale]
         self._publisher.publish(out + dead)
         published = [d.delivery_id for d in decisions] + [s.id for s in stale]
@@ -138,7 +136,7 @@ class IngestHandler:
             with self._db.transaction() as cur:
                 store.mark_published(cur, published)
         outcome.republished = len(stale)
-        self._account(outcome, dead, started)
+        self._account(outcome, dead)
 
     # step 1 and 2
     def _validate(
@@ -272,11 +270,14 @@ class IngestHandler:
         return decisions, stale
 
     # step 4: records that leave the system (already redacted)
-    def _record(self, d: Decision) -> OutRecord:
+    def _record(self, d: Decision, origin: dict[uuid.UUID, Message]) -> OutRecord:
         payload = policy.decision_record(d, self._policy)
-        return outbox.encode(self._topics, d.route, d.channel, d.notification.user_id, payload)
+        msg = origin.get(d.notification.id)
+        kind, ts = msg.timestamp() if msg is not None else (TIMESTAMP_NOT_AVAILABLE, 0)
+        event_ms = ts if kind != TIMESTAMP_NOT_AVAILABLE else None
+        return outbox.encode(self._topics, d.route, d.channel, d.notification.user_id, payload, event_ms)
 
-    def _account(self, o: BatchOutcome, dead: list[OutRecord], started: float) -> None:
+    def _account(self, o: BatchOutcome, dead: list[OutRecord]) -> None:
         mx = self._metrics
         m = mx.events
         m.labels("inserted").inc(o.inserted)
@@ -286,12 +287,10 @@ class IngestHandler:
         m.labels("hidden").inc(o.hidden)
         if o.content_keys:
             mx.content_keys.inc(o.content_keys)
-        for rec in dead:
-            mx.dlq_records.labels("events", rec.reason or "").inc()
+        count_dead_letters("ingest", dead)
         for channel, n in o.by_channel.items():
             mx.records_published.labels("delivery", channel).inc(n)
         mx.records_published.labels("digest", "").inc(o.digest)
-        mx.batch_seconds.observe(time.perf_counter() - started)
         t = self.totals
         for name in (
             "records",

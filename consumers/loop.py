@@ -116,6 +116,7 @@ class Applied:
 class InFlight:
     batch: list[Message]
     future: Future[Applied]
+    polled: float  # perf_counter when the batch's poll returned
 
 
 def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
@@ -203,8 +204,6 @@ class BatchLoop:
         conf = consumer_config(settings, group, **(consumer_extra or {}))
         # error_cb: librdkafka's client-wide errors (authentication) never reach consume().
         self._consumer = Consumer(conf, error_cb=self._on_client_error, logger=KAFKA_LOG)
-        self._group = group
-        self._next_lag_report = 0.0
         self._metrics = metrics.loop()
         # Partitions paused by a deferral: (topic, partition) -> when to resume (epoch s).
         self._paused: dict[tuple[str, int], float] = {}
@@ -242,10 +241,10 @@ class BatchLoop:
                 if idle_timeout is not None and time.monotonic() - last_data > idle_timeout:
                     break
                 self.health.beat()
-                self._report_lag()
                 self._resume_due()
                 self._tick()
                 batch = self._poll()  # may run _on_revoke, which drains the batch in flight
+                polled = time.perf_counter()
                 prepared = self._handler.prepare(batch) if batch else None
                 if not self._drain():
                     # Batch N was dropped and rewound; N+1 was polled past it: drop it too.
@@ -264,11 +263,11 @@ class BatchLoop:
                 if batch:
                     last_data = time.monotonic()
                     future = self._worker.submit(self._apply, batch, prepared)
-                    self._in_flight = InFlight(batch, future)
+                    self._in_flight = InFlight(batch, future, polled)
                 elif self._pending():
                     # Work in hand and no new records: let the handler make it durable.
                     future = self._worker.submit(self._apply, [], self._handler.prepare([]))
-                    self._in_flight = InFlight([], future)
+                    self._in_flight = InFlight([], future, time.perf_counter())
             self._drain()
             self._wrap_up()
         finally:
@@ -310,6 +309,9 @@ class BatchLoop:
         if flight.batch:
             self._stats.batches += 1
             self._stats.messages += len(done)
+            self._metrics.batch_seconds.labels(self._name).observe(time.perf_counter() - flight.polled)
+            for topic, n in _per_topic(done).items():
+                self._metrics.records_processed.labels(self._name, topic).inc(n)
         return True
 
     def _pending(self) -> bool:
@@ -435,6 +437,8 @@ class BatchLoop:
             elif err.code() != KafkaError._PARTITION_EOF:
                 log.warning("%s: consumer error: %s", self._name, err)
         self._stop_if_fatal()
+        for topic, n in _per_topic(out).items():
+            self._metrics.records_consumed.labels(self._name, topic).inc(n)
         return out
 
     def _on_client_error(self, err: KafkaError) -> None:
@@ -512,10 +516,13 @@ class BatchLoop:
                 offsets.append(TopicPartition(key[0], key[1], target))
         if not offsets:
             return
+        started = time.perf_counter()
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             raise AssignmentLost(f"offset commit failed: {exc.args[0]}") from exc
+        finally:
+            self._metrics.commit_seconds.labels(self._name).observe(time.perf_counter() - started)
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
 
@@ -526,35 +533,6 @@ class BatchLoop:
                 self._consumer.seek(tp)
             except KafkaException:
                 pass  # no longer ours: the new owner starts from the committed offset
-
-    def _report_lag(self, every: float = 15.0) -> None:
-        """Set the lag gauge: high watermark minus committed offset, summed per topic.
-
-        From what the client already holds (the watermarks of its last fetches, the offsets
-        this loop committed, else its position): no broker round trip, so the loop never
-        stalls on it (a round trip per partition, every 15 s, once held a deliverer's 30
-        partitions for seconds while its sends waited to be recorded).
-        """
-        now = time.monotonic()
-        if now < self._next_lag_report:
-            return
-        self._next_lag_report = now + every
-        try:
-            assigned = self._consumer.assignment()
-            if not assigned:
-                return
-            lag: dict[str, int] = {}
-            for tp in self._consumer.position(assigned):
-                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                start = self._committed.get((tp.topic, tp.partition), tp.offset)
-                if high < 0 or start < 0:
-                    continue  # nothing fetched from it yet
-                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - start)
-        except KafkaException as exc:
-            log.debug("%s: lag not measured: %s", self._name, exc)
-            return
-        for topic, value in lag.items():
-            self._metrics.consumer_lag.labels(self._group, topic).set(value)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self._name, _describe(partitions))
@@ -645,6 +623,14 @@ def next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
         if off + 1 > top.get(key, -1):
             top[key] = off + 1
     return [TopicPartition(t, p, o) for (t, p), o in sorted(top.items())]
+
+
+def _per_topic(batch: Sequence[Message]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in batch:
+        topic = m.topic() or ""
+        counts[topic] = counts.get(topic, 0) + 1
+    return counts
 
 
 def _key(m: Message) -> tuple[str, int]:

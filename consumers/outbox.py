@@ -27,7 +27,7 @@ from typing import Any
 from config.settings import Settings
 from core import metrics, policy
 from core.errors import HeraldError
-from producers.publisher import OutRecord, Publisher
+from producers.publisher import Headers, OutRecord, Publisher
 from producers.topics import Topics
 from storage import notifications as store
 from storage.db import Database
@@ -37,14 +37,29 @@ log = logging.getLogger(__name__)
 PAGE = 1000
 
 
-def encode(topics: Topics, route: str, channel: str, user_id: str, payload: dict[str, Any]) -> OutRecord:
+# The event's record timestamp on the events topic (epoch ms), carried on its delivery
+# records through the retry tiers: where the end-to-end latency counts from.
+H_EVENT_TIME = "herald-event-time"
+
+
+def encode(
+    topics: Topics,
+    route: str,
+    channel: str,
+    user_id: str,
+    payload: dict[str, Any],
+    event_ms: int | None = None,
+) -> OutRecord:
     """A delivery (or digest entry) record: keyed by user, its delivery id in a header."""
     topic = topics.deliveries(channel) if route == policy.IMMEDIATE else topics.digests_pending
+    headers: Headers = [("herald-delivery-id", str(payload["delivery_id"]).encode())]
+    if event_ms is not None:
+        headers.append((H_EVENT_TIME, str(event_ms).encode()))
     return OutRecord(
         topic=topic,
         key=user_id.encode(),
         value=json.dumps(payload, separators=(",", ":")).encode(),
-        headers=[("herald-delivery-id", str(payload["delivery_id"]).encode())],
+        headers=headers,
     )
 
 

@@ -19,45 +19,87 @@ from prometheus_client import Counter, Gauge, Histogram
 INGEST_OUTCOMES = ("inserted", "duplicate", "invalid", "rate_limited", "hidden")
 
 
+# Latency of a whole trip, event to provider: seconds for a live event, hours after an
+# outage or a replay of old records.
+TRIP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0)
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 @dataclass(frozen=True)
 class LoopMetrics:
-    """The batch loop's, in every consumer process (label ``process``: ingest, deliver-webhook, ...)."""
+    """The batch loop's, in every consumer process (label ``consumer``: ingest, deliver-webhook,
+    digest, ...). ``topic`` is a topic herald reads, never a record's content."""
 
+    records_consumed: Counter
+    records_processed: Counter
+    records_failed: Counter
+    dlq_records: Counter
+    batch_seconds: Histogram
+    commit_seconds: Histogram
     db_unavailable: Counter
     environment_errors: Counter
     broker_unavailable: Counter
     assignment_lost: Counter
-    consumer_lag: Gauge
 
 
 @cache
 def loop() -> LoopMetrics:
     return LoopMetrics(
+        records_consumed=Counter(
+            "herald_records_consumed",
+            "Records polled, by consumer and topic (a record polled again after a rewind or a "
+            "deferral counts again).",
+            ["consumer", "topic"],
+        ),
+        records_processed=Counter(
+            "herald_records_processed",
+            "Records whose batch was made durable and whose offsets were committed.",
+            ["consumer", "topic"],
+        ),
+        records_failed=Counter(
+            "herald_records_failed",
+            "Records the consumer could not process, sent to a dead-letter topic (by the topic "
+            "they were read from).",
+            ["consumer", "topic"],
+        ),
+        dlq_records=Counter(
+            "herald_dlq_records",
+            "Records produced to a dead-letter topic and acknowledged, by that topic and reason "
+            "(herald-dlt-reason: not_json, schema, permanent, exhausted, ...).",
+            ["topic", "reason"],
+        ),
+        batch_seconds=Histogram(
+            "herald_batch_seconds",
+            "Wall time of one batch, from its poll to its offset commit (retries in hand included).",
+            ["consumer"],
+            buckets=BATCH_BUCKETS,
+        ),
+        commit_seconds=Histogram(
+            "herald_commit_seconds",
+            "Wall time of one synchronous offset commit.",
+            ["consumer"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        ),
         db_unavailable=Counter(
             "herald_db_unavailable",
             "Batch retries because PostgreSQL was unreachable or busy.",
-            ["process"],
+            ["consumer"],
         ),
         environment_errors=Counter(
             "herald_environment_errors",
             "Batch retries because the database or broker is set up wrongly (missing table, "
             "privileges, read-only, unknown topic): an operator must act. Label system: database|broker.",
-            ["process", "system"],
+            ["consumer", "system"],
         ),
         broker_unavailable=Counter(
             "herald_broker_unavailable",
             "Batch retries because the broker did not acknowledge their records.",
-            ["process"],
+            ["consumer"],
         ),
         assignment_lost=Counter(
             "herald_assignment_lost",
             "Batches dropped uncommitted because the group rebalanced under them.",
-            ["process"],
-        ),
-        consumer_lag=Gauge(
-            "herald_consumer_lag",
-            "Records not yet committed by the group, per topic.",
-            ["group", "topic"],
+            ["consumer"],
         ),
     )
 
@@ -67,10 +109,8 @@ class IngestMetrics:
     """``herald ingest``'s own."""
 
     events: Counter
-    batch_seconds: Histogram
     records_published: Counter
     content_keys: Counter
-    dlq_records: Counter
     outbox_relayed: Counter
 
 
@@ -82,11 +122,6 @@ def ingest() -> IngestMetrics:
             "Notifications by ingest outcome: inserted, duplicate, invalid, rate_limited, hidden.",
             ["outcome"],
         ),
-        batch_seconds=Histogram(
-            "herald_ingest_batch_seconds",
-            "Wall time of one ingest batch, from poll to offset commit.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-        ),
         records_published=Counter(
             "herald_records_published",
             "Records acknowledged by the broker, by topic kind (delivery, digest, dlq).",
@@ -95,11 +130,6 @@ def ingest() -> IngestMetrics:
         content_keys=Counter(
             "herald_ingest_content_keys",
             "Mapped records with no id at all, deduplicated by the SHA-256 of their value.",
-        ),
-        dlq_records=Counter(
-            "herald_dlq_records",
-            "Records sent to a dead-letter topic, by reason.",
-            ["topic_kind", "reason"],
         ),
         outbox_relayed=Counter(
             "herald_outbox_relayed",
@@ -117,7 +147,9 @@ class DeliverMetrics:
 
     sends: Counter
     send_seconds: Histogram
-    deliveries: Counter
+    responses: Counter
+    latency: Histogram
+    outcomes: Counter
     skipped: Counter
     retried: Counter
     dead_letters: Counter
@@ -144,10 +176,24 @@ def deliver() -> DeliverMetrics:
             ["channel"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         ),
-        deliveries=Counter(
-            "herald_deliver_deliveries",
-            "Deliveries finished, by the status they ended in: sent, failed, skipped.",
-            ["channel", "status"],
+        responses=Counter(
+            "herald_deliver_responses",
+            "Provider answers by status class: 2xx, 3xx, 4xx, 5xx (HTTP status or SMTP reply "
+            "code), none (no answer: timeout, connection refused, a refused target).",
+            ["channel", "status_class"],
+        ),
+        latency=Histogram(
+            "herald_delivery_latency_seconds",
+            "End to end: from the event's record timestamp on the events topic to the provider "
+            "accepting the delivery, by severity (digest: from the window's close).",
+            ["channel", "severity"],
+            buckets=TRIP_BUCKETS,
+        ),
+        outcomes=Counter(
+            "herald_deliver_outcomes",
+            "Deliveries handled, by what became of them: sent, retry (to a retry topic), dlq "
+            "(failed, to the dead-letter topic), skipped (nothing to send: no endpoint, opted out).",
+            ["channel", "outcome"],
         ),
         skipped=Counter(
             "herald_deliver_skipped",

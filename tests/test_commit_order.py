@@ -53,7 +53,7 @@ def _loop(settings: Settings, group: str, handler: Any) -> BatchLoop:
 
 
 def _db_unavailable() -> float:
-    return REGISTRY.get_sample_value("herald_db_unavailable_total", {"process": "test"}) or 0.0
+    return REGISTRY.get_sample_value("herald_db_unavailable_total", {"consumer": "test"}) or 0.0
 
 
 def _nothing_committed(settings: Settings, group: str) -> None:

@@ -87,7 +87,7 @@ def test_refused_records_are_found_by_bisection_not_one_by_one(
     database = CountingDatabase(settings.database_url.get_secret_value())
     publisher = KeepPublisher()
     handler = IngestHandler(settings, database, publisher, Topics(settings.topic_prefix))
-    before = _metric("herald_db_unavailable_total", process="ingest")
+    before = _metric("herald_db_unavailable_total", consumer="ingest")
     handler.apply(handler.prepare(messages))
     database.close()
 
@@ -100,22 +100,22 @@ def test_refused_records_are_found_by_bisection_not_one_by_one(
     assert all(r.reason == "rejected" for r in dead)
     # 1 whole batch + at most 2·log2(64) per culprit + the mark-published step.
     assert database.transactions <= 1 + 2 * 2 * 6 + 1, database.transactions
-    assert _metric("herald_db_unavailable_total", process="ingest") == before
+    assert _metric("herald_db_unavailable_total", consumer="ingest") == before
 
 
 def test_a_missing_table_is_never_dead_lettered_and_lands_once_migrated(
     settings: Settings, db: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
     positions = produce(settings, [event(title=f"wait {i}") for i in range(5)], key=b"k")
-    before_env = _metric("herald_environment_errors_total", process="ingest", system="database")
-    before_outage = _metric("herald_db_unavailable_total", process="ingest")
+    before_env = _metric("herald_environment_errors_total", consumer="ingest", system="database")
+    before_outage = _metric("herald_db_unavailable_total", consumer="ingest")
     db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     try:
         caplog.set_level(logging.ERROR, logger="consumers.loop")
         runner = start_ingest(settings)
         deadline = time.monotonic() + 30
         while (
-            _metric("herald_environment_errors_total", process="ingest", system="database") < before_env + 2
+            _metric("herald_environment_errors_total", consumer="ingest", system="database") < before_env + 2
         ):
             assert time.monotonic() < deadline, "no environment alarm"
             time.sleep(0.1)
@@ -128,7 +128,7 @@ def test_a_missing_table_is_never_dead_lettered_and_lands_once_migrated(
     runner.stop()
     assert _titles(db) == {f"wait {i}" for i in range(5)}
     assert read_topic(settings, Topics(settings.topic_prefix).events_dlq, timeout=2) == []
-    assert _metric("herald_db_unavailable_total", process="ingest") == before_outage
+    assert _metric("herald_db_unavailable_total", consumer="ingest") == before_outage
     alarms = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("herald migrate" in line for line in alarms), alarms
 
@@ -137,12 +137,12 @@ def test_a_read_only_server_is_an_alarm_not_a_dead_letter(settings: Settings, db
     """25006 after a failover to a standby: retried with an alarm; lands once writable."""
     name = str(db.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
     positions = produce(settings, [event(title="after failover")])
-    before = _metric("herald_environment_errors_total", process="ingest", system="database")
+    before = _metric("herald_environment_errors_total", consumer="ingest", system="database")
     db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
     try:
         runner = start_ingest(settings)
         deadline = time.monotonic() + 30
-        while _metric("herald_environment_errors_total", process="ingest", system="database") < before + 1:
+        while _metric("herald_environment_errors_total", consumer="ingest", system="database") < before + 1:
             assert time.monotonic() < deadline, "no environment alarm"
             time.sleep(0.1)
     finally:
@@ -198,11 +198,11 @@ def test_sessions_carry_timeouts_and_keepalives(settings: Settings) -> None:
 def test_an_ingest_run_with_a_refused_record_among_good_ones(
     settings: Settings, db: Conn, refuse_evil: None
 ) -> None:
-    before = _metric("herald_db_unavailable_total", process="ingest")
+    before = _metric("herald_db_unavailable_total", consumer="ingest")
     good = [event(title=f"ok {i}") for i in range(6)]
     positions = produce(settings, [*good[:3], event(title="evil"), *good[3:]], key=b"p")
     ingest(settings, positions)
     assert _titles(db) == {f"ok {i}" for i in range(6)}
     dead = read_topic(settings, Topics(settings.topic_prefix).events_dlq)
     assert [decode_headers(d.headers)["herald-dlt-reason"] for d in dead] == ["rejected"]
-    assert _metric("herald_db_unavailable_total", process="ingest") == before
+    assert _metric("herald_db_unavailable_total", consumer="ingest") == before

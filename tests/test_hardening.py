@@ -26,7 +26,7 @@ Conn = psycopg.Connection[tuple[object, ...]]
 
 
 def _db_unavailable() -> float:
-    return REGISTRY.get_sample_value("herald_db_unavailable_total", {"process": "ingest"}) or 0.0
+    return REGISTRY.get_sample_value("herald_db_unavailable_total", {"consumer": "ingest"}) or 0.0
 
 
 def _email_on(settings: Settings, *users: str) -> None:

@@ -31,7 +31,7 @@ def scrape(port: int) -> dict[str, float]:
         for s in family.samples:
             if s.name == "herald_ingest_events_total":
                 out[s.labels["outcome"]] = s.value
-            elif s.name == "herald_ingest_batch_seconds_count":
+            elif s.name == "herald_batch_seconds_count" and s.labels.get("consumer") == "ingest":
                 out["batches"] = s.value
     return out
 

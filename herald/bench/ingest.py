@@ -394,8 +394,10 @@ class _Counters:
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels.get("outcome") in _PROCESSED:
                     records += sample.value
-        for family in metrics.ingest().batch_seconds.collect():
+        for family in metrics.loop().batch_seconds.collect():
             for sample in family.samples:
+                if sample.labels.get("consumer") != "ingest":
+                    continue
                 if sample.name.endswith("_count"):
                     batches = sample.value
                 elif sample.name.endswith("_sum"):
