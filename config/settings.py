@@ -268,6 +268,23 @@ class DigestSettings(BaseModel):
     inbox_path: str = "/notifications"
 
 
+class LagExporterSettings(BaseModel):
+    """``herald lag-exporter``: how often it samples the broker and when a group is stalled."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Seconds between samples of committed offsets, end offsets and head records.
+    interval_s: float = Field(default=15.0, gt=0)
+    # An active group whose committed offset has not moved for this long while due records
+    # wait on one of its partitions is ``stalled`` (HeraldConsumerGroupStalled adds its ``for:``).
+    stalled_after_s: float = Field(default=120.0, gt=0)
+    # Groups to watch besides herald's own (herald-ingest, herald-digest, herald-deliver-<channel>);
+    # every other group with an offset on a topic under the prefix is found by itself.
+    groups: tuple[str, ...] = ()
+    # One broker call (offsets, a head record's read) waits at most this long.
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
 class ApiSettings(BaseModel):
     """``herald api``: where it listens, how it checks bearer tokens, and its input limits."""
 
@@ -550,6 +567,7 @@ class Settings(BaseSettings):
     app_url: str | None = None
 
     api: ApiSettings = Field(default_factory=ApiSettings)
+    lag_exporter: LagExporterSettings = Field(default_factory=LagExporterSettings)
     # Signs the one-click unsubscribe tokens in emails (core/unsubscribe.py); None: no links.
     unsubscribe_secret: SecretStr | None = None
     # Where herald's API is reachable from a user's mail client (unsubscribe links).

@@ -31,7 +31,7 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from config.settings import Settings
 from consumers.reading import Record, headers_of
@@ -164,6 +164,73 @@ class Kafka:
             raise self._unreachable(exc) from exc
         return int(low), int(high)
 
+    def all_watermarks(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+        """Low and high watermarks of many partitions in two ListOffsets requests."""
+        want = sorted(set(tps))
+        if not want:
+            return {}
+        out: dict[tuple[str, int], list[int]] = {tp: [0, 0] for tp in want}
+        for i, spec in enumerate((OffsetSpec.earliest(), OffsetSpec.latest())):  # type: ignore[no-untyped-call]
+            try:
+                futures = self.admin.list_offsets(
+                    {TopicPartition(t, p): spec for t, p in want}, request_timeout=self.timeout
+                )
+                for tp, fut in futures.items():
+                    out[(tp.topic, tp.partition)][i] = int(fut.result(self.timeout).offset)
+            except (KafkaException, TimeoutError) as exc:
+                raise self._unreachable(exc) from exc
+        return {tp: (low, high) for tp, (low, high) in out.items()}
+
+    def states(self, groups: Sequence[str]) -> dict[str, ConsumerGroupState]:
+        """Each group's state, in one describe request."""
+        try:
+            futures = self.admin.describe_consumer_groups(list(groups), request_timeout=self.timeout)
+            return {g: fut.result(self.timeout).state for g, fut in futures.items()}
+        except (KafkaException, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+
+    def read_many(self, heads: Iterable[tuple[str, int, int]]) -> dict[tuple[str, int, int], Record]:
+        """The first record at or after each (topic, partition, offset), the partitions read
+        together; a head that does not arrive within the timeout is left out."""
+        rounds: dict[tuple[str, int], list[int]] = {}
+        for t, p, o in sorted(set(heads)):
+            rounds.setdefault((t, p), []).append(o)
+        got: dict[tuple[str, int, int], Record] = {}
+        while rounds:  # one offset per partition at a time: a partition is assigned once
+            batch = {tp: offsets.pop(0) for tp, offsets in rounds.items()}
+            rounds = {tp: offsets for tp, offsets in rounds.items() if offsets}
+            got.update(self._read_heads(batch))
+        return got
+
+    def _read_heads(self, batch: dict[tuple[str, int], int]) -> dict[tuple[str, int, int], Record]:
+        self.reader.assign([TopicPartition(t, p, o) for (t, p), o in batch.items()])
+        got: dict[tuple[str, int, int], Record] = {}
+        deadline = time.monotonic() + self.timeout
+        try:
+            while len(got) < len(batch) and time.monotonic() < deadline:
+                m = self.reader.poll(0.2)
+                if m is None or m.error() is not None:
+                    continue
+                tp = (str(m.topic()), int(m.partition() or 0))
+                offset = batch.get(tp)
+                if offset is None or (tp[0], tp[1], offset) in got:
+                    continue
+                got[(tp[0], tp[1], offset)] = Record(
+                    tp[0],
+                    tp[1],
+                    int(m.offset() or 0),
+                    m.key(),
+                    m.value(),
+                    headers_of(m),
+                    int(m.timestamp()[1]),
+                )
+                self.reader.pause([TopicPartition(tp[0], tp[1])])  # read no further into it
+            return got
+        finally:
+            # A paused partition stays paused when assigned again: resume before letting go.
+            self.reader.resume([TopicPartition(t, p) for t, p in batch])
+            self.reader.unassign()
+
     def read_at(self, topic: str, partition: int, offset: int) -> Record | None:
         """The first record at or after ``offset`` (None when none comes within the timeout)."""
         self.reader.assign([TopicPartition(topic, partition, offset)])
@@ -210,6 +277,9 @@ class Lag:
     end: int
     lag: int
     lag_seconds: float
+    # Due records wait: the oldest unconsumed one is past its due time (on a retry topic) or
+    # has no due time. False when caught up, or when only not-yet-due retry records wait.
+    waiting: bool = False
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -234,22 +304,6 @@ def due_ms(timestamp_ms: int, headers: dict[str, bytes]) -> int:
     return timestamp_ms
 
 
-def partition_lag(
-    k: Kafka, group: str, topic: str, partition: int, committed: int | None, now_ms: int
-) -> Lag:
-    """Records between the committed offset and the end, and the age of the oldest of them
-    (from its due time on a retry topic): 0 seconds when caught up."""
-    low, end = k.watermarks(topic, partition)
-    start = committed if committed is not None else low
-    lag = max(0, end - max(start, low))
-    seconds = 0.0
-    if lag:
-        first = k.read_at(topic, partition, max(start, low))
-        if first is not None:
-            seconds = max(0.0, (now_ms - due_ms(first.timestamp_ms, first.headers)) / 1000)
-    return Lag(group, topic, partition, committed, end, lag, round(seconds, 3))
-
-
 def group_topics(settings: Settings, group: str) -> list[str]:
     """The topics a herald group reads (DESIGN.md's names), for partitions it has not committed yet."""
     topics = Topics(settings.topic_prefix)
@@ -262,32 +316,119 @@ def group_topics(settings: Settings, group: str) -> list[str]:
     return []
 
 
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LagSample:
+    """One look at the broker: every partition's lag, and each group's state."""
+
+    rows: list[Lag]
+    states: dict[str, ConsumerGroupState]
+    at_ms: int
+
+
+class LagReader:
+    """Lag per group, topic and partition, sampled as often as asked (``herald lag`` once,
+    ``herald lag-exporter`` every interval).
+
+    Records: the end offset minus the committed one (the low watermark when nothing is
+    committed, or when retention passed the committed offset); 0 when caught up, so an idle
+    topic never shows lag. Seconds: the age of the oldest unconsumed record, from its
+    timestamp (from its due time on a retry topic), read from the record itself: never an
+    estimate from offset rates, so it stays true while a replay reprocesses old records.
+
+    Broker calls per sample: the topic list, one describe for all groups, one offset list
+    per group, one ListOffsets for every partition's watermarks, and one read of each
+    lagging partition's head record, which is then cached by (topic, partition, offset):
+    a record never changes, so a partition that does not move costs no read.
+    """
+
+    def __init__(self, k: Kafka, settings: Settings, cache_size: int = 50_000) -> None:
+        self.k = k
+        self.settings = settings
+        self._prefix = settings.topic_prefix + "."
+        self._due: dict[tuple[str, int, int], int] = {}
+        self._cache_size = cache_size
+
+    def sample(self, groups: Sequence[str], *, discover: bool = False, strict: bool = False) -> LagSample:
+        """``groups`` and, with ``discover``, every other group with an offset on a topic under
+        herald's prefix. ``strict``: a named group the broker does not know is a ConfigError
+        (``herald lag --group``); otherwise it reads as a group that never committed."""
+        now_ms = int(time.time() * 1000)
+        names = list(dict.fromkeys(groups))
+        if strict or discover:
+            known = self.k.groups()
+            if strict:
+                for g in names:
+                    if g not in known:
+                        raise ConfigError(
+                            f"unknown consumer group {g!r}; known: {', '.join(known) or 'none'}"
+                        )
+            if discover:
+                names += [g for g in known if g not in names]
+        wanted = self._partitions(names, strict)
+        marks = self.k.all_watermarks({(t, p) for _, t, p, _ in wanted})
+        starts = {
+            (g, t, p): max(low if c is None else c, low)
+            for g, t, p, c in wanted
+            for low in [marks[(t, p)][0]]
+        }
+        dues = self._dues(
+            {(t, p, starts[(g, t, p)]) for g, t, p, _ in wanted if marks[(t, p)][1] > starts[(g, t, p)]}
+        )
+        rows = []
+        for group, t, p, at in wanted:
+            start = starts[(group, t, p)]
+            lag = max(0, marks[(t, p)][1] - start)
+            seconds, waiting = 0.0, False
+            if lag:
+                due = dues.get((t, p, start))
+                # A head that could not be read in time counts as waiting, with no age.
+                waiting = due is None or due <= now_ms
+                if due is not None:
+                    seconds = max(0.0, (now_ms - due) / 1000)
+            rows.append(Lag(group, t, p, at, marks[(t, p)][1], lag, round(seconds, 3), waiting))
+        states = self.k.states(names) if names else {}
+        return LagSample(rows, states, now_ms)
+
+    def _partitions(self, names: list[str], strict: bool) -> list[tuple[str, str, int, int | None]]:
+        """(group, topic, partition, committed offset) for each partition a group reads: those
+        it committed under herald's prefix (any, when ``strict``), and every partition of the
+        topics a herald group reads, committed or not."""
+        existing = set(self.k.topics())
+        wanted: list[tuple[str, str, int, int | None]] = []
+        for group in names:
+            committed = self.k.committed(group)
+            keys = {tp for tp in committed if tp[0].startswith(self._prefix) or strict}
+            for topic in group_topics(self.settings, group):
+                if topic in existing:
+                    keys |= {(topic, p) for p in self.k.partitions(topic)}
+            wanted += [(group, t, p, committed.get((t, p))) for t, p in sorted(keys) if t in existing]
+        return wanted
+
+    def _dues(self, heads: set[tuple[str, int, int]]) -> dict[tuple[str, int, int], int]:
+        """The due time of the record at (or first after) each offset, read once and cached."""
+        missing = {h for h in heads if h not in self._due}
+        if missing:
+            for (t, p, o), rec in self.k.read_many(missing).items():
+                self._due[(t, p, o)] = due_ms(rec.timestamp_ms, rec.headers)
+            if len(self._due) > self._cache_size:  # the oldest entries go first (insertion order)
+                for key in list(self._due)[: len(self._due) - self._cache_size]:
+                    del self._due[key]
+        return {h: self._due[h] for h in heads if h in self._due}
+
+
 def lag(settings: Settings, groups: Iterable[str] | None = None, timeout: float = 10.0) -> list[Lag]:
     """Per group, topic and partition: committed, end, lag in records and in seconds.
 
     Without ``groups``: every group with an offset on a topic under herald's prefix.
     """
-    now_ms = int(time.time() * 1000)
-    prefix = settings.topic_prefix + "."
-    out: list[Lag] = []
     with Kafka(settings, timeout) as k:
+        reader = LagReader(k, settings)
         if groups is None:
-            names = k.groups()
-        else:
-            names = list(groups)
-            for g in names:
-                k.require_group(g)
-        existing = set(k.topics())
-        for group in names:
-            committed = k.committed(group)
-            keys = {tp for tp in committed if tp[0].startswith(prefix) or groups is not None}
-            for topic in group_topics(settings, group):
-                if topic in existing:
-                    keys |= {(topic, p) for p in k.partitions(topic)}
-            for topic, partition in sorted(keys):
-                at = committed.get((topic, partition))
-                out.append(partition_lag(k, group, topic, partition, at, now_ms))
-    return out
+            return reader.sample([], discover=True).rows
+        return reader.sample(list(groups), strict=True).rows
 
 
 # -- replay ------------------------------------------------------------------------------

@@ -11,10 +11,15 @@ collectors, so a reader sees every metric a process exports in one place.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 INGEST_OUTCOMES = ("inserted", "duplicate", "invalid", "rate_limited", "hidden")
 
@@ -423,3 +428,102 @@ def digest() -> DigestMetrics:
     for outcome in ("added", "duplicate"):
         m.items.labels(outcome)
     return m
+
+
+GROUP_STATUSES = ("ok", "stalled", "stopped")
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """One sampled partition, as the lag collector exports it."""
+
+    group: str
+    topic: str
+    partition: int
+    records: int
+    seconds: float
+
+
+class LagCollector(Collector):
+    """The last lag sample, served as it was taken: a scrape makes no broker call, and a
+    partition or group that is gone from the sample is gone from /metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: list[PartitionLag] = []
+        self._statuses: dict[str, str] = {}
+
+    def update(self, rows: list[PartitionLag], statuses: dict[str, str]) -> None:
+        with self._lock:
+            self._rows, self._statuses = list(rows), dict(statuses)
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ["group", "topic", "partition"]
+        return (
+            GaugeMetricFamily(
+                "herald_consumer_lag_records",
+                "Records between the group's committed offset and the partition's end (0 when caught up).",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "herald_consumer_lag_seconds",
+                "Age of the oldest unconsumed record, from its timestamp (from its due time on a retry "
+                "topic); 0 when caught up or when only not-yet-due retry records wait.",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "herald_consumer_group_status",
+                "1 for the group's status, judged from samples of committed offsets: ok; stalled (active, "
+                "due records wait, the committed offset does not move); stopped (no active member while "
+                "due records wait).",
+                labels=["group", "status"],
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        records, seconds, status = self._families()
+        with self._lock:
+            rows, statuses = self._rows, self._statuses
+        for r in rows:
+            key = [r.group, r.topic, str(r.partition)]
+            records.add_metric(key, r.records)
+            seconds.add_metric(key, r.seconds)
+        for group, current in sorted(statuses.items()):
+            for name in GROUP_STATUSES:
+                status.add_metric([group, name], 1.0 if name == current else 0.0)
+        yield from (records, seconds, status)
+
+
+@dataclass(frozen=True)
+class LagExporterMetrics:
+    """``herald lag-exporter``'s own: the lag families (one collector) and its health."""
+
+    lag: LagCollector
+    last_success: Gauge
+    sample_seconds: Histogram
+    errors: Counter
+
+
+@cache
+def lag_exporter() -> LagExporterMetrics:
+    collector = LagCollector()
+    REGISTRY.register(collector)
+    return LagExporterMetrics(
+        lag=collector,
+        last_success=Gauge(
+            "herald_lag_exporter_last_success_timestamp_seconds",
+            "Unix time of the last complete sample of the broker (lag figures are as old as this).",
+        ),
+        sample_seconds=Histogram(
+            "herald_lag_exporter_sample_seconds",
+            "Wall time of one sample: offsets, watermarks, group states and head records.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        ),
+        errors=Counter(
+            "herald_lag_exporter_errors",
+            "Samples that failed (the broker unreachable or too slow); the last good one is kept.",
+        ),
+    )

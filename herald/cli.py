@@ -93,6 +93,16 @@ def cmd_digest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_lag_exporter(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.loop import Stopper
+    from herald.processes import run_lag_exporter
+
+    stopper = Stopper()
+    stopper.install()
+    run_lag_exporter(settings, stopper=stopper, max_samples=args.max_samples)
+    return 0
+
+
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from herald.processes import run_api
 
@@ -446,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-messages", type=int, help="stop after this many records (tests)")
     s.add_argument("--timeout", type=float, help="stop after this many seconds (tests)")
     s.set_defaults(func=cmd_digest)
+
+    s = sub.add_parser(
+        "lag-exporter",
+        help="export consumer lag (records, seconds) and group status on /metrics for Prometheus",
+        description="Samples every HERALD_LAG_EXPORTER__INTERVAL_S seconds, as `herald lag` computes "
+        "it: herald_consumer_lag_records and herald_consumer_lag_seconds per group, topic and "
+        "partition (the age of the oldest unconsumed record, from its timestamp or its retry due "
+        "time; 0 when caught up), and herald_consumer_group_status (ok, stalled, stopped). Watches "
+        "herald's groups, HERALD_LAG_EXPORTER__GROUPS, and every group with offsets on herald's "
+        "topics. Serves /metrics and /healthz on HERALD_METRICS_PORT; stops cleanly on SIGTERM.",
+    )
+    s.add_argument("--max-samples", type=int, metavar="N", help="stop after N samples (tests)")
+    s.set_defaults(func=cmd_lag_exporter)
 
     s = sub.add_parser(
         "api",

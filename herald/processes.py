@@ -245,6 +245,33 @@ def run_digest(
     return DigestRun(stats, handler)
 
 
+def herald_groups() -> list[str]:
+    """The groups of herald's own consumers, watched by the lag exporter even before they exist
+    (records waiting for a group that never started are a stopped group)."""
+    return [INGEST_GROUP, *map(deliver_group, PROVIDERS), DIGEST_GROUP]
+
+
+def run_lag_exporter(
+    settings: Settings, *, stopper: Stopper | None = None, max_samples: int | None = None
+) -> int:
+    """Build and run ``herald lag-exporter``: the metrics port first (a busy port fails at
+    once), then the first sample (an unreachable broker fails next); returns the samples taken."""
+    from consumers.lag_exporter import LagExporter
+    from consumers.offsets import Kafka
+    from core import metrics
+
+    cfg = settings.lag_exporter
+    # Healthy while samples succeed: three missed intervals (and a slow broker's timeouts) is not.
+    health = Health(stale_after=max(60.0, 3 * cfg.interval_s + 4 * cfg.timeout_s))
+    with ExitStack() as stack:
+        serve_metrics(stack, settings, health)
+        kafka = stack.enter_context(Kafka(settings, cfg.timeout_s))
+        exporter = LagExporter(settings, kafka, herald_groups(), metrics.lag_exporter(), health)
+        taken = exporter.run(stopper or Stopper(), max_samples=max_samples)
+        log.info("lag-exporter stopped after %d samples", taken)
+    return taken
+
+
 def run_api(settings: Settings) -> None:
     """Build and serve ``herald api`` until SIGTERM or SIGINT.
 

@@ -73,4 +73,5 @@ def test_alerts_name_only_metrics_herald_exports() -> None:
             family = used
             for suffix in SUFFIXES:
                 family = family.removesuffix(suffix)
-            assert family in names or used in names, f"{rule['alert']} uses {used}, which herald never exports"
+            why = f"{rule['alert']} uses {used}, which herald never exports"
+            assert family in names or used in names, why
