@@ -20,13 +20,15 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+import yaml
 from pydantic import SecretStr
 
 from api.auth import mint
@@ -46,6 +48,10 @@ DEV_SOURCE = "dev"
 DEV_USER = "dev-user"
 # The demo's digest windows: short enough that its report shows the digests it caused.
 DEMO_DIGEST = {"HERALD_POLICY__DIGEST_SECONDS": "10", "HERALD_DIGEST__GRACE_S": "2"}
+# The dev stack's lag exporter samples often (unless set): a developer watches it move.
+DEV_LAG = {"HERALD_LAG_EXPORTER__INTERVAL_S": "5"}
+# The alert rules in a checkout (an installed wheel has none: the scrape config goes without).
+ALERT_RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
 
 
 class Child:
@@ -295,12 +301,13 @@ def run_dev(
             children.append(
                 Child("api", ["api"], {**child_env, "HERALD_API__PORT": str(dev.api.port)}, logdir)
             )
+            children.append(Child("lag-exporter", ["lag-exporter"], {**DEV_LAG, **child_env}, logdir))
         for child in reversed(children):
             stack.callback(child.stop)
         _wait_healthy(children)
         env_lines = dev_env_lines(dev, receiver_url) + "".join(f"{k}={v}\n" for k, v in source_env.items())
         if processes:
-            _wait_answering(f"{api_url(dev)}/healthz", children[-1])
+            _wait_answering(f"{api_url(dev)}/healthz", next(c for c in children if c.name == "api"))
             # Ready means consuming: every group has joined and owns its partitions.
             for group in (INGEST_GROUP, *map(deliver_group, PROVIDERS), DIGEST_GROUP):
                 wait_group_stable(dev, group, timeout=dev.session_timeout_ms / 1000 + 60)
@@ -308,7 +315,8 @@ def run_dev(
         env_file.touch(mode=0o600)  # it holds the dev secrets: never readable by others
         env_file.write_text(env_lines)
         stack.callback(env_file.unlink, missing_ok=True)
-        _print_ready(dev, env_file, children, topics, catcher)
+        scrape = write_prometheus_config(root, children) if children else None
+        _print_ready(dev, env_file, children, topics, catcher, scrape)
         if demo:
             from herald.demo import run_demo, send_center_samples
 
@@ -323,6 +331,43 @@ def run_dev(
         print("herald dev: stopping ...", flush=True)
     print("herald dev: stopped.", flush=True)
     return 0
+
+
+def job_name(child: str) -> str:
+    """The Prometheus job of a dev child: ``herald-`` and its name without an ingest number
+    (``ingest-2`` -> ``herald-ingest``), as in the compose stack's scrape config."""
+    base, _, number = child.rpartition("-")
+    return f"herald-{base if number.isdigit() else child}"
+
+
+def prometheus_config(children: Sequence[tuple[str, int]], rules: Path | None) -> str:
+    """A scrape config for every (child, metrics port), with the alert rules when given."""
+    jobs: dict[str, list[str]] = {}
+    for name, port in children:
+        jobs.setdefault(job_name(name), []).append(f"127.0.0.1:{port}")
+    doc: dict[str, object] = {"global": {"scrape_interval": "5s", "evaluation_interval": "5s"}}
+    if rules is not None:
+        doc["rule_files"] = [str(rules)]
+    doc["scrape_configs"] = [
+        {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs.items()
+    ]
+    header = (
+        "# Written by `herald dev` for the processes it runs; rewritten at each start.\n"
+        "# prometheus --config.file=<this file>, then http://localhost:9090/alerts\n"
+    )
+    return header + str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def write_prometheus_config(root: Path, children: Sequence[Child]) -> Path:
+    """``root/prometheus.yml``: every child's /metrics and, from a checkout, the alert rules
+    (copied beside it, so the file works wherever Prometheus runs from)."""
+    rules = None
+    if ALERT_RULES.is_file():
+        rules = root / "alerts.yml"
+        shutil.copyfile(ALERT_RULES, rules)
+    path = root / "prometheus.yml"
+    path.write_text(prometheus_config([(c.name, c.metrics_port) for c in children], rules))
+    return path
 
 
 def child_environment(base: Mapping[str, str], settings: Settings, config_file: str | None) -> dict[str, str]:
@@ -341,7 +386,12 @@ def _env_pairs(settings: Settings) -> dict[str, str]:
 
 
 def _print_ready(
-    settings: Settings, env_file: Path, children: list[Child], topics: Topics, catcher: MailCatcher | None
+    settings: Settings,
+    env_file: Path,
+    children: list[Child],
+    topics: Topics,
+    catcher: MailCatcher | None,
+    scrape: Path | None,
 ) -> None:
     url = settings.database_url.get_secret_value()
     print(
@@ -363,6 +413,8 @@ def _print_ready(
             " (a Maildir: one file per message)\n",
             flush=True,
         )
+    if scrape is not None:
+        print(f"  prometheus  prometheus --config.file={_shown(scrape)}  (every /metrics below, alerts)\n")
     for child in children:
         if child.url:
             print(f"  {child.name:<16} {child.url}/webhooks/<source>")
@@ -373,3 +425,11 @@ def _print_ready(
             '\'{"id":"2","type":"t","title":"Hi","user_id":"u1"}\''
         )
     print(flush=True)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when under it (``.herald/prometheus.yml``)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

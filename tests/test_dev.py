@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.webhooks import new_secret
 from tests.webhook_peer import start_peer
@@ -219,6 +220,37 @@ def test_dev_env_reaches_the_stack_and_goes_away(
     )
     with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (loopback)
         assert json.loads(resp.read()) == {"count": 2}, "the printed URL opens dev-user's inbox"
+
+    # Prometheus: the scrape config it wrote and printed names every process it runs, each
+    # serves /metrics, and the lag exporter reports herald's groups, caught up.
+    scrape = folder / "prometheus.yml"
+    assert f"prometheus --config.file={scrape}" in log.read_text()
+    doc = yaml.safe_load(scrape.read_text())
+    assert doc["rule_files"] == [str(folder / "alerts.yml")] and (folder / "alerts.yml").is_file()
+    jobs = {c["job_name"]: c["static_configs"][0]["targets"] for c in doc["scrape_configs"]}
+    assert set(jobs) == {
+        "herald-ingest",
+        "herald-deliver-email",
+        "herald-deliver-push",
+        "herald-deliver-webhook",
+        "herald-digest",
+        "herald-receiver",
+        "herald-api",
+        "herald-lag-exporter",
+    }
+    for target in (t for targets in jobs.values() for t in targets):
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as resp:  # noqa: S310
+            assert resp.status == 200 and b"# HELP herald_" in resp.read(), target
+    (exporter,) = jobs["herald-lag-exporter"]
+    ok = 'herald_consumer_group_status{group="herald-ingest",status="ok"} 1.0'
+    deadline = time.monotonic() + 30
+    text = ""
+    while ok not in text and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{exporter}/metrics", timeout=10) as resp:  # noqa: S310
+            text = resp.read().decode()
+        time.sleep(0.5)
+    assert ok in text, text
+    assert 'herald_consumer_lag_records{group="herald-deliver-webhook"' in text
 
     # kcat: an independent Kafka client sees the stack. Debian's kcat 1.7.1 (librdkafka 2.0.2)
     # cannot parse Tansu 0.6's ApiVersions reply ("Read underflow"), so it skips that

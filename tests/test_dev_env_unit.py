@@ -60,3 +60,38 @@ def test_without_config_the_inherited_environment_is_kept(tmp_path: Path) -> Non
     env = child_environment({"HERALD_CONFIG_FILE": "/etc/herald.toml"}, settings, None)
     assert env["HERALD_CONFIG_FILE"] == "/etc/herald.toml"
     assert env["HERALD_KAFKA_BOOTSTRAP"] == "127.0.0.1:40001"
+
+
+def test_the_dev_scrape_config_names_every_process_and_passes_promtool(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from herald.dev import ALERT_RULES, job_name, prometheus_config
+
+    assert [job_name(n) for n in ("ingest-1", "ingest-2", "deliver-email", "lag-exporter")] == [
+        "herald-ingest",
+        "herald-ingest",
+        "herald-deliver-email",
+        "herald-lag-exporter",
+    ]
+    rules = tmp_path / "alerts.yml"
+    shutil.copyfile(ALERT_RULES, rules)
+    children = [("ingest-1", 4001), ("ingest-2", 4002), ("deliver-webhook", 4003), ("lag-exporter", 4004)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(prometheus_config(children, rules))
+    doc = yaml.safe_load(path.read_text())
+    assert doc["rule_files"] == [str(rules)]
+    targets = {c["job_name"]: c["static_configs"][0]["targets"] for c in doc["scrape_configs"]}
+    assert targets == {
+        "herald-ingest": ["127.0.0.1:4001", "127.0.0.1:4002"],
+        "herald-deliver-webhook": ["127.0.0.1:4003"],
+        "herald-lag-exporter": ["127.0.0.1:4004"],
+    }
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make tools` installs Debian's prometheus package"
+    done = subprocess.run(
+        [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
