@@ -24,7 +24,7 @@ from config.settings import Settings
 from core.errors import HeraldError
 from core.webhooks import new_secret
 from herald.inspect import read_topic, wait_committed
-from herald.processes import INGEST_GROUP
+from herald.processes import INGEST_GROUP, herald_groups
 from herald.produce import ReceiverClient
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.signatures import scheme_for
@@ -302,6 +302,7 @@ def run_demo(
         flush=True,
     )
     print_digests(digests, run)
+    print_lag(settings)
     print(
         '\n  look: psql "$HERALD_DATABASE_URL" -c '  # noqa: S608 (a hint printed for the operator)
         f"\"SELECT user_id, severity, title, hidden FROM notifications WHERE source = 'demo-{run}'\"\n"
@@ -310,6 +311,22 @@ def run_demo(
         flush=True,
     )
     return 0
+
+
+def print_lag(settings: Settings) -> None:
+    """What ``herald lag`` and the lag exporter see once the burst has settled."""
+    from consumers.offsets import lag
+
+    rows = lag(settings, herald_groups())
+    late = [r for r in rows if r.waiting]
+    parked = sum(r.lag for r in rows if r.lag and not r.waiting)
+    groups = len({r.group for r in rows})
+    line = f"  consumer lag             {sum(r.lag for r in late)} records late on {groups} groups"
+    if late:
+        line += f", the oldest {max(r.lag_seconds for r in late):.1f}s old"
+    if parked:
+        line += f"; {parked} waiting for their retry tier (not late)"
+    print(line + "  (herald lag; herald_consumer_lag_* on the lag exporter)", flush=True)
 
 
 def _delivery_rows(settings: Settings, run: str, channel: str) -> list[tuple[str, int, str]]:
