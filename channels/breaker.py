@@ -60,6 +60,7 @@ class CircuitBreaker:
         self._clock = clock
         self._hosts: dict[str, _Host] = {}
         self._metrics = metrics.deliver()
+        self._count_states()  # the family exists from the start, every state at 0
 
     def admit(self, host: str) -> Gate:
         """May a send to ``host`` go now: ``send``, ``probe`` (the one trial send), or ``hold``."""
@@ -75,7 +76,10 @@ class CircuitBreaker:
 
     def record(self, host: str, failed: bool, *, probe: bool = False) -> None:
         """Count a send's outcome; a failed probe reopens, a passed one closes."""
-        h = self._hosts.setdefault(host, _Host())
+        h = self._hosts.get(host)
+        if h is None:
+            h = self._hosts[host] = _Host()
+            self._count_states()  # a new host is a closed one
         if probe:
             h.probing = False
             if failed:
@@ -140,7 +144,10 @@ class CircuitBreaker:
             else:
                 log.info("deliver-%s: circuit for %s is %s", self._channel, host, state.replace("_", "-"))
         h.state = state
-        # How many hosts are in each state: low cardinality (states), not a host label.
+        self._count_states()
+
+    def _count_states(self) -> None:
+        """How many hosts are in each state: low cardinality (states), not a host label."""
         for s in ("closed", "open", "half_open"):
             count = sum(1 for x in self._hosts.values() if x.state == s)
             self._metrics.circuits.labels(self._channel, s).set(count)

@@ -550,13 +550,13 @@ class DeliverHandler:
         records: list[OutRecord] = []
         finishes: list[store.Finish] = []
         released: list[tuple[uuid.UUID, int]] = []
-        channel = self.channel
         max_attempts = self._settings.delivery.max_attempts
-        held = 0
+        held = abandoned = 0
+        tiers: list[str] = []  # counted once published: a failed publish routes the unit again
         for w in unit.works:
             assert w.item.delivery_id is not None
             if w.cancelled:
-                self._metrics.abandoned.labels(channel).inc()
+                abandoned += 1
                 released.append((w.item.delivery_id, w.item.attempts_before))
                 continue
             if w.held and not w.results:
@@ -583,7 +583,9 @@ class DeliverHandler:
                 )
             )
             if v.status == "retrying":
-                records.append(self._retry_record(w, v.retry_after_s))
+                record, tier = self._retry_record(w, v.retry_after_s)
+                records.append(record)
+                tiers.append(tier)
             elif v.status == "failed":
                 assert v.reason is not None
                 records.append(self._dead_letter(w.item, v.reason, v.error or v.reason, w.attempt))
@@ -596,8 +598,19 @@ class DeliverHandler:
         unit.finishes = finishes
         unit.released = released
         unit.published = True
+        self._count_routed(unit, records, held=held, abandoned=abandoned, tiers=tiers)
+
+    def _count_routed(
+        self, unit: Unit, records: list[OutRecord], *, held: int, abandoned: int, tiers: list[str]
+    ) -> None:
+        """Once the unit's records are published (a failed publish routes it again)."""
+        channel = self.channel
         if held:
             self._metrics.held.labels(channel).inc(held)
+        if abandoned:
+            self._metrics.abandoned.labels(channel).inc(abandoned)
+        for tier in tiers:
+            self._metrics.retried.labels(channel, tier).inc()
         for rec in records:
             if rec.reason is not None:
                 self._metrics.dead_letters.labels(channel, rec.reason).inc()
@@ -615,11 +628,12 @@ class DeliverHandler:
             headers.append((H_HELD, b"circuit-open"))
         return OutRecord(self._topics.retry(self.channel, tier), msg.value(), msg.key(), headers)
 
-    def _retry_record(self, w: Work, retry_after_s: float | None) -> OutRecord:
+    def _retry_record(self, w: Work, retry_after_s: float | None) -> tuple[OutRecord, str]:
+        """The record for its next retry tier, and that tier's name."""
         index = pick_tier(self._tiers, w.attempt, retry_after_s)
         delay = max(self._tiers[index], retry_after_s or 0.0)
-        self._metrics.retried.labels(self.channel, self._settings.delivery.retry_tiers[index]).inc()
-        return self._tier_record(w.item, index, delay, w.attempt, held=False)
+        tier = self._settings.delivery.retry_tiers[index]
+        return self._tier_record(w.item, index, delay, w.attempt, held=False), tier
 
     def _park(self, w: Work) -> OutRecord:
         """The record again, on the first tier that waits as long as the circuit stays open;

@@ -294,11 +294,15 @@ class DigestHandler:
                 closed = self._decide(due, store.summaries(cur, [w.id for w in due], self._cfg.titles))
                 store.close(cur, closed)
             records = [self._encode(c.record, c.window.channel, c.window.user_id) for c in closed if c.record]
-            if records:
-                self._publisher.publish(records)
-                with self._close_db.transaction() as cur:
-                    mark_published(cur, [c.window.id for c in closed if c.record])
-            self._account(closed, time.perf_counter() - started)
+            try:
+                if records:
+                    self._publisher.publish(records)
+                    with self._close_db.transaction() as cur:
+                        mark_published(cur, [c.window.id for c in closed if c.record])
+            finally:
+                # The windows closed for good above: counted even when the publish fails (the
+                # relay publishes those digests later, counted again only as republished).
+                self._account(closed, time.perf_counter() - started)
             done += [c.window.id for c in closed]
             total += len(closed)
             if len(due) < PAGE or len(done) >= MAX_PAGES * PAGE:

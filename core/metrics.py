@@ -129,7 +129,8 @@ def ingest() -> IngestMetrics:
         ),
         records_published=Counter(
             "herald_records_published",
-            "Records acknowledged by the broker, by topic kind (delivery, digest, dlq).",
+            "Records acknowledged by the broker, by topic kind (delivery, digest); dead letters are "
+            "herald_dlq_records_total.",
             ["kind", "channel"],
         ),
         content_keys=Counter(
@@ -269,6 +270,9 @@ API_ROUTES = (
     "unsubscribe",
     "stream_token",
     "stream",
+    "endpoints_list",
+    "endpoints_add",
+    "endpoints_remove",
 )
 
 

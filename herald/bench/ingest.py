@@ -591,8 +591,9 @@ def _follow(
         if first is None and c.batches >= 1:
             # The first batch's handler time is in the histogram: it started that long ago.
             first = now - c.batch_seconds
-        if c.records >= events and watch.done():
-            assert first is not None
+        # ``first`` too: the loop observes a batch's duration just after its commit, which the
+        # watch may see first.
+        if c.records >= events and watch.done() and first is not None:
             return first, time.perf_counter()
         if now >= next_line:
             next_line = now + 1.0
