@@ -21,13 +21,20 @@ RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}"
 
 WORKDIR /src
-COPY . .
-# Not editable: a regular install (no [embedded] extra: no broker or database
-# server wheels in the image), so the packages (herald, config, core, consumers,
-# producers, storage) and any package data such as storage/migrations live in
-# site-packages and the source tree can be dropped.
+# The dependencies first, in their own layer: read from pyproject.toml alone, so a change to
+# herald's code reuses this layer and reinstalls only herald. The [project] dependencies
+# only: no [embedded] extra (no broker or database server wheels) and no [dev].
+COPY pyproject.toml ./
 RUN pip install --upgrade pip \
- && pip install .
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# Then herald itself. Not editable: a regular install, so the packages (herald, config,
+# core, consumers, api, producers, channels, storage) and their data (migrations, rules,
+# the notification center's static files) live in site-packages and the tree is dropped.
+COPY . .
+RUN pip install --no-deps .
 
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

@@ -19,12 +19,11 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/herald dev
 
-# Debian packages the tests use: kcat, the independent Kafka client the dev-stack test checks
-# dev.env with; wrk, the load generator of `herald bench receiver` (tests/test_bench_receiver.py);
+# Debian packages the tests use: wrk, the load generator of `herald bench receiver` (tests/test_bench_receiver.py);
 # chromium and its chromedriver (package chromium-driver), the browser of the notification
 # center's test (tests/test_center_browser.py); prometheus, whose promtool checks and unit-tests the
 # alert rules and whose server scrapes running herald processes in tests/test_prometheus.py.
-DEB_TOOLS := kcat wrk chromium prometheus
+DEB_TOOLS := wrk chromium prometheus
 MISSING_TOOLS := $(foreach t,$(DEB_TOOLS),$(if $(shell command -v $(t) 2>/dev/null),,$(t)))
 MISSING_TOOLS += $(if $(shell command -v chromedriver 2>/dev/null),,chromium-driver)
 tools:
