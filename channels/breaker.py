@@ -140,9 +140,16 @@ class CircuitBreaker:
                     self._channel,
                     host,
                     self._cooldown,
+                    extra={"channel": self._channel},
                 )
             else:
-                log.info("deliver-%s: circuit for %s is %s", self._channel, host, state.replace("_", "-"))
+                log.info(
+                    "deliver-%s: circuit for %s is %s",
+                    self._channel,
+                    host,
+                    state.replace("_", "-"),
+                    extra={"channel": self._channel},
+                )
         h.state = state
         self._count_states()
 

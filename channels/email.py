@@ -214,7 +214,8 @@ class EmailProvider:
         if self._unsubscribe is None:
             log.warning(
                 "email: HERALD_UNSUBSCRIBE_SECRET or HERALD_PUBLIC_URL is unset: "
-                "emails go out without one-click unsubscribe headers"
+                "emails go out without one-click unsubscribe headers",
+                extra={"channel": "email"},
             )
         self._pool: asyncio.Queue[aiosmtplib.SMTP | None] | None = None
 

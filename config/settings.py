@@ -17,7 +17,7 @@ import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -512,6 +512,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HERALD_",
         env_nested_delimiter="__",
+        # An empty variable is an unset one: compose files and Kubernetes manifests pass
+        # `HERALD_APP_URL=` for "not configured", and the default must hold then.
+        env_ignore_empty=True,
         frozen=True,
         extra="ignore",
     )
@@ -576,6 +579,10 @@ class Settings(BaseSettings):
     # envelopes and CloudEvents only.
     rules_file: Path | None = None
     log_level: str = "INFO"
+    # "text": one human-readable line per record. "json": one JSON object per line (ts, level,
+    # logger, message, and topic/partition/offset/delivery_id/outcome where a line is about
+    # a record or a delivery; never a payload, never a secret), for a log pipeline (core/logs.py).
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("app_url")
     @classmethod

@@ -259,6 +259,7 @@ class DeliverHandler:
         self._publisher = publisher
         self._provider = provider
         self.channel = provider.channel
+        self._ctx: dict[str, Any] = {"consumer": f"deliver-{self.channel}", "channel": self.channel}
         self._topics = topics or Topics(settings.topic_prefix)
         self._tiers = settings.delivery.tier_seconds()
         self._concurrency = settings.delivery.concurrency
@@ -341,7 +342,7 @@ class DeliverHandler:
         try:
             asyncio.run_coroutine_threadsafe(self._provider.aclose(), aio).result(timeout=10)
         except Exception as exc:  # noqa: BLE001 (closing: say it, and go on)
-            log.warning("deliver-%s: closing the provider: %s", self.channel, exc)
+            log.warning("deliver-%s: closing the provider: %s", self.channel, exc, extra=self._ctx)
         aio.call_soon_threadsafe(aio.stop)
         thread.join(timeout=10)
         aio.close()
@@ -669,16 +670,63 @@ class DeliverHandler:
                 "deliver-%s: %d outcomes came after another consumer took the delivery over (lease expired)",
                 self.channel,
                 len(unit.finishes) - len(updated),
+                extra=self._ctx,
             )
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_outcomes(unit, updated)
         for _, reason in unit.skipped:
             m.skipped.labels(self.channel, reason).inc()
         if gone:
             m.endpoints_disabled.labels(self.channel).inc(len(set(gone)))
 
+    def _log_outcomes(self, unit: Unit, updated: set[uuid.UUID]) -> None:
+        """One DEBUG line per delivery record the unit made durable: where it was read, its
+        delivery id and what became of it (``outcome``). Ids, codes and counts only."""
+        finishes = {f.id: f for f in unit.finishes}
+        for w in unit.works:
+            item = w.item
+            f = finishes.get(item.delivery_id) if item.delivery_id is not None else None
+            if w.cancelled:
+                self._log_item(item, "abandoned", "given back unsent (rebalance or shutdown)")
+            elif f is None:
+                self._log_item(item, "held", "parked: its host's circuit is open")
+            elif f.id not in updated:
+                self._log_item(item, "taken_over", "outcome not recorded: another consumer took it over")
+            else:
+                outcome = OUTCOME_OF_STATUS.get(f.status, f.status)
+                why = f" ({f.reason})" if f.reason else ""
+                self._log_item(item, outcome, f"attempt {f.attempt}{why}")
+        for item in unit.unreadable:
+            self._log_item(item, "dlq", "unreadable record (permanent)")
+        for item, reason in unit.skipped:
+            self._log_item(item, "skipped", SKIP_REASONS.get(reason, f"already {reason}"))
+
+    def _log_item(self, item: Item, outcome: str, detail: str) -> None:
+        log.debug(
+            "deliver-%s: %s[%d]@%d: delivery %s %s: %s",
+            self.channel,
+            item.topic,
+            item.partition,
+            item.offset,
+            item.delivery_id,
+            outcome,
+            detail,
+            extra={
+                **self._ctx,
+                "topic": item.topic,
+                "partition": item.partition,
+                "offset": item.offset,
+                "delivery_id": item.delivery_id,
+                "outcome": outcome,
+            },
+        )
+
 
 # A finished delivery's status, as the outcome metric names it.
 OUTCOME_OF_STATUS = {"sent": "sent", "retrying": "retry", "failed": "dlq", "skipped": "skipped"}
 OUTCOMES = ("sent", "retry", "dlq", "skipped")
+# Why a record was skipped without a send, for its DEBUG line (else: its row's final status).
+SKIP_REASONS = {"duplicate": "a copy of a delivery in hand", "stale": "a copy of an earlier stage"}
 SEVERITIES = frozenset({"info", "success", "warning", "critical"})
 
 

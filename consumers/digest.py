@@ -64,6 +64,8 @@ PAGE = 2000  # windows closed per transaction
 MAX_PAGES = 10
 RELAY_PAGE = 1000
 OPEN_GAUGE_EVERY_S = 5.0
+# Structured log context of every line of this consumer (HERALD_LOG_FORMAT=json).
+_CTX: dict[str, Any] = {"consumer": "digest"}
 
 
 class WindowContention(DatabaseUnavailable):
@@ -220,6 +222,13 @@ class DigestHandler:
                     msg.partition(),
                     msg.offset(),
                     type(exc).__name__,
+                    extra={
+                        **_CTX,
+                        "topic": msg.topic(),
+                        "partition": msg.partition(),
+                        "offset": msg.offset(),
+                        "outcome": "skipped",
+                    },
                 )
                 batch.unreadable += 1
                 continue
@@ -275,7 +284,7 @@ class DigestHandler:
                     self._metrics.open_windows.set(store.open_windows(cur))
         except HeraldError as exc:
             # PostgreSQL or the broker is away: the windows stay open (or unpublished); next tick.
-            log.warning("digest: closing windows: %s; trying again on the next tick", exc)
+            log.warning("digest: closing windows: %s; trying again on the next tick", exc, extra=_CTX)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -372,7 +381,7 @@ class DigestHandler:
         if total:
             self._metrics.republished.inc(total)
             self.totals.republished += total
-            log.warning("digest relay: published %d digests that were left unpublished", total)
+            log.warning("digest relay: published %d digests that were left unpublished", total, extra=_CTX)
         return total
 
     def _account(self, closed: Sequence[store.Closed], seconds: float) -> None:
@@ -388,5 +397,15 @@ class DigestHandler:
                 t.sent += 1
             else:
                 t.suppressed += 1
-        if closed:
-            log.debug("digest: closed %d windows", len(closed))
+        if closed and log.isEnabledFor(logging.DEBUG):
+            log.debug("digest: closed %d windows", len(closed), extra=_CTX)
+            for c in closed:
+                w = c.window
+                log.debug(
+                    "digest: window %s (%s) closed: %s, %d unread item(s)",
+                    w.id,
+                    w.channel,
+                    c.status,
+                    c.unread,
+                    extra={**_CTX, "delivery_id": w.id, "channel": w.channel, "outcome": c.status},
+                )

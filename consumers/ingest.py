@@ -155,6 +155,7 @@ class IngestHandler:
                     msg.partition(),
                     msg.offset(),
                     exc.reason,
+                    extra=_where(msg, "dlq"),
                 )
                 dead.append(dead_letter(msg, self._topics.events_dlq, exc, exc.reason))
                 continue
@@ -224,6 +225,7 @@ class IngestHandler:
                     msg.topic(),
                     msg.partition(),
                     msg.offset(),
+                    extra=_where(msg, "dlq"),
                 )
                 dead.append(dead_letter(msg, self._topics.events_dlq, exc, "rejected"))
                 outcome.invalid += 1
@@ -314,3 +316,14 @@ class IngestHandler:
             o.duplicates,
             o.invalid,
         )
+
+
+def _where(msg: Message, outcome: str) -> dict[str, object]:
+    """Structured log context for a line about one record (never its value)."""
+    return {
+        "consumer": "ingest",
+        "topic": msg.topic(),
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "outcome": outcome,
+    }

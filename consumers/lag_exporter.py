@@ -127,7 +127,7 @@ class LagExporter:
             before = self.statuses.get(group)
             if before is not None and before != status:
                 level = logging.INFO if status == "ok" else logging.WARNING
-                log.log(level, "group %s: %s -> %s", group, before, status)
+                log.log(level, "group %s: %s -> %s", group, before, status, extra={"group": group})
         self.statuses = statuses
 
     def run(self, stopper: Stopper, max_samples: int | None = None) -> int:

@@ -190,6 +190,8 @@ class BatchLoop:
     ) -> None:
         self._settings = settings
         self._name = name
+        # Structured log context on every line of this loop (HERALD_LOG_FORMAT=json).
+        self._ctx: dict[str, Any] = {"consumer": name, "group": group}
         self._topics = list(topics)
         self._handler: BatchHandler = (
             CallableHandler(handler) if not hasattr(handler, "apply") else cast(BatchHandler, handler)
@@ -299,7 +301,7 @@ class BatchLoop:
             self._commit(flight.batch, deferred)
         except AssignmentLost as exc:
             self._metrics.assignment_lost.labels(self._name).inc()
-            log.warning("%s: %s; dropping the batch uncommitted", self._name, exc)
+            log.warning("%s: %s; dropping the batch uncommitted", self._name, exc, extra=self._ctx)
             self._rewind(flight.batch)
             return False
         for key, d in deferred.items():
@@ -332,7 +334,7 @@ class BatchLoop:
         try:
             self._commit_positions()
         except AssignmentLost as exc:
-            log.warning("%s: %s; the work in hand comes again", self._name, exc)
+            log.warning("%s: %s; the work in hand comes again", self._name, exc, extra=self._ctx)
 
     def _await(self, flight: InFlight) -> None:
         """Wait for ``flight``'s apply while serving the group protocol.
@@ -379,7 +381,7 @@ class BatchLoop:
                 try:
                     self._consumer.resume(again)
                 except KafkaException as exc:
-                    log.debug("%s: resume after wait: %s", self._name, exc)
+                    log.debug("%s: resume after wait: %s", self._name, exc, extra=self._ctx)
 
     def _assignment(self) -> list[TopicPartition]:
         try:
@@ -395,7 +397,14 @@ class BatchLoop:
             self._consumer.seek(tp)
         except KafkaException as exc:
             # No longer ours (a rebalance): the next owner starts from the committed offset.
-            log.debug("%s: cannot defer %s[%d]: %s", self._name, d.topic, d.partition, exc)
+            log.debug(
+                "%s: cannot defer %s[%d]: %s",
+                self._name,
+                d.topic,
+                d.partition,
+                exc,
+                extra={**self._ctx, "topic": d.topic, "partition": d.partition, "offset": d.offset},
+            )
             return False
         self._paused[(d.topic, d.partition)] = d.resume_at
         return True
@@ -412,7 +421,7 @@ class BatchLoop:
         try:
             self._consumer.resume([TopicPartition(t, p) for t, p in due])
         except KafkaException as exc:
-            log.debug("%s: resume: %s", self._name, exc)
+            log.debug("%s: resume: %s", self._name, exc, extra=self._ctx)
 
     def _tick(self) -> None:
         tick = getattr(self._handler, "tick", None)
@@ -435,7 +444,8 @@ class BatchLoop:
             elif is_fatal(err):
                 self._fatal = self._fatal or fatal_error(self._name, err)
             elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("%s: consumer error: %s", self._name, err)
+                where = {"topic": m.topic(), "partition": m.partition()}
+                log.warning("%s: consumer error: %s", self._name, err, extra={**self._ctx, **where})
         self._stop_if_fatal()
         for topic, n in _per_topic(out).items():
             self._metrics.records_consumed.labels(self._name, topic).inc(n)
@@ -447,7 +457,7 @@ class BatchLoop:
             self._fatal = self._fatal or fatal_error(self._name, err)
         else:
             # librdkafka's own log line (herald.kafka) already says it; it retries by itself.
-            log.debug("%s: client error: %s", self._name, err)
+            log.debug("%s: client error: %s", self._name, err, extra=self._ctx)
 
     def _stop_if_fatal(self) -> None:
         """Retrying cannot help: fail /healthz, stop the worker's retries, leave ``run``."""
@@ -455,7 +465,7 @@ class BatchLoop:
             return
         self.health.fail(str(self._fatal))
         self.stopper.set()
-        log.error("%s", self._fatal)
+        log.error("%s", self._fatal, extra=self._ctx)
         raise self._fatal
 
     def _apply(self, batch: list[Message], prepared: Any) -> Applied:
@@ -474,7 +484,14 @@ class BatchLoop:
                 self._count_retry(exc)
                 wait = backoff / 2 + random.uniform(0, backoff / 2)  # noqa: S311 (jitter, not a secret)
                 level = logging.ERROR if isinstance(exc, EnvironmentProblem) else logging.WARNING
-                log.log(level, "%s: %s; retrying the batch in %.1fs (no offset moves)", self._name, exc, wait)
+                log.log(
+                    level,
+                    "%s: %s; retrying the batch in %.1fs (no offset moves)",
+                    self._name,
+                    exc,
+                    wait,
+                    extra=self._ctx,
+                )
                 if self._deadline is not None:
                     wait = min(wait, max(0.0, self._deadline - time.monotonic()))
                 if self.stopper.event.wait(wait) or (
@@ -525,6 +542,16 @@ class BatchLoop:
             self._metrics.commit_seconds.labels(self._name).observe(time.perf_counter() - started)
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
+        if log.isEnabledFor(logging.DEBUG):
+            for tp in offsets:
+                log.debug(
+                    "%s: committed %s[%d] at offset %d",
+                    self._name,
+                    tp.topic,
+                    tp.partition,
+                    tp.offset,
+                    extra={**self._ctx, "topic": tp.topic, "partition": tp.partition, "offset": tp.offset},
+                )
 
     def _rewind(self, batch: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets, where we still own the partition."""
@@ -535,7 +562,7 @@ class BatchLoop:
                 pass  # no longer ours: the new owner starts from the committed offset
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("%s: assigned %s", self._name, _describe(partitions))
+        log.info("%s: assigned %s", self._name, _describe(partitions), extra=self._ctx)
         hook = getattr(self._handler, "on_assign", None)
         if hook is not None:
             hook(partitions)
@@ -575,14 +602,14 @@ class BatchLoop:
         hook = getattr(self._handler, "on_revoke", None)
         if hook is not None:
             hook(partitions)
-        log.info("%s: revoked %s", self._name, _describe(partitions))
+        log.info("%s: revoked %s", self._name, _describe(partitions), extra=self._ctx)
 
     def _close(self) -> None:
         self._worker.shutdown(wait=True)
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
-            log.warning("%s: consumer close: %s", self._name, exc)
+            log.warning("%s: consumer close: %s", self._name, exc, extra=self._ctx)
 
 
 # Errors no retry can fix: the broker refuses this client's credentials or permissions.

@@ -28,6 +28,7 @@ from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import (
     ConsumerGroupState,
     ConsumerGroupTopicPartitions,
+    KafkaError,
     KafkaException,
     TopicPartition,
 )
@@ -100,7 +101,10 @@ class Kafka:
         self.close()
 
     def _unreachable(self, exc: BaseException) -> BrokerUnavailable:
-        why = str(exc) or f"no answer in {self.timeout:.0f}s"
+        """One line: librdkafka's own reason (never the KafkaError repr), else the timeout."""
+        err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+        why = err.str() if isinstance(err, KafkaError) else str(exc)
+        why = why or f"no answer in {self.timeout:.0f}s"
         return BrokerUnavailable(f"the broker at {self.settings.kafka_bootstrap} is unreachable: {why}")
 
     def partitions(self, topic: str) -> list[int]:
@@ -240,7 +244,14 @@ class Kafka:
                 m = self.reader.poll(0.2)
                 if m is None or m.error() is not None:
                     if m is not None:
-                        log.debug("read %s[%d]@%d: %s", topic, partition, offset, m.error())
+                        log.debug(
+                            "read %s[%d]@%d: %s",
+                            topic,
+                            partition,
+                            offset,
+                            m.error(),
+                            extra={"topic": topic, "partition": partition, "offset": offset},
+                        )
                     continue
                 return Record(
                     topic,
@@ -472,7 +483,12 @@ def first_at_or_after(k: Kafka, topic: str, partition: int, ts_ms: int) -> int:
 
     if _answer_holds(ts_at, low, end, answer, ts_ms):
         return answer
-    log.debug("%s[%d]: the broker's offsets_for_times was wrong; searching by timestamps", topic, partition)
+    log.debug(
+        "%s[%d]: the broker's offsets_for_times was wrong; searching by timestamps",
+        topic,
+        partition,
+        extra={"topic": topic, "partition": partition},
+    )
     lo, hi = low, end
     while lo < hi:
         mid = (lo + hi) // 2

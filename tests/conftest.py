@@ -10,10 +10,13 @@ A test that needs a backend fails when none starts; it never skips.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import psycopg
 import pytest
 
 from config.settings import Settings
+from core.logs import StderrHandler
 from herald.embedded import EmbeddedBroker, EmbeddedPostgres
 from storage.migrate import migrate
 from tests.helpers import make_settings
@@ -93,6 +97,21 @@ def backend() -> Iterator[Backend]:
             b = Backend(bootstrap, url, pg, kind="embedded")
         migrate(b.database_url)
         yield b
+
+
+@pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """A test that runs ``herald.cli.main()`` in this process configures logging (core/logs.py):
+    its stderr handler, level and exception hooks go when the test ends (pytest's own capture
+    handlers are left to pytest)."""
+    root = logging.getLogger()
+    level, hooks = root.level, (sys.excepthook, threading.excepthook)
+    yield
+    for handler in list(root.handlers):
+        if isinstance(handler, StderrHandler):
+            root.removeHandler(handler)
+    root.setLevel(level)
+    sys.excepthook, threading.excepthook = hooks
 
 
 @pytest.fixture

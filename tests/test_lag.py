@@ -88,4 +88,7 @@ def test_lag_json_through_the_command_and_one_line_errors(settings: Settings) ->
 
     down = run(settings, "lag", HERALD_KAFKA_BOOTSTRAP="127.0.0.1:1")
     assert down.returncode == 1
-    assert down.stderr.strip() == "herald: the broker at 127.0.0.1:1 is unreachable: no answer in 10s"
+    # Why depends on which call found the broker gone first: no answer, or librdkafka's reason.
+    assert down.stderr.strip().splitlines() == [down.stderr.strip()]
+    assert down.stderr.startswith("herald: the broker at 127.0.0.1:1 is unreachable: ")
+    assert "KafkaError{" not in down.stderr

@@ -141,7 +141,9 @@ def test_an_active_group_that_commits_nothing_is_stalled(settings: Settings, kaf
             **settings.kafka_client_config(),
             "group.id": group,
             "enable.auto.commit": False,
-            "session.timeout.ms": settings.session_timeout_ms,
+            # Long enough that a loaded broker keeps the member joined (DESIGN.md): the group
+            # must stay active, or it is stopped, not stalled.
+            "session.timeout.ms": 10_000,
         }
     )
     try:
@@ -231,13 +233,20 @@ def test_one_line_errors(settings: Settings, busy_port: int) -> None:
         HERALD_LOG_LEVEL="CRITICAL",
     )
     assert down.returncode == 1
-    assert down.stderr.strip() == "herald: the broker at 127.0.0.1:1 is unreachable: no answer in 1s"
+    # Why depends on which call found the broker gone first: no answer, or librdkafka's reason.
+    assert down.stderr.strip().splitlines() == [down.stderr.strip()]
+    assert down.stderr.startswith("herald: the broker at 127.0.0.1:1 is unreachable: ")
+    assert "KafkaError{" not in down.stderr, "librdkafka's reason, not its repr"
     # At the default level the log says what happened; the last line is still the one error.
     logged = run(
         settings, "lag-exporter", HERALD_KAFKA_BOOTSTRAP="127.0.0.1:1", HERALD_LAG_EXPORTER__TIMEOUT_S="1"
     )
     assert logged.returncode == 1
-    assert logged.stderr.strip().splitlines()[-1] == down.stderr.strip()
+    assert (
+        logged.stderr.strip()
+        .splitlines()[-1]
+        .startswith("herald: the broker at 127.0.0.1:1 is unreachable: ")
+    )
     busy = run(settings, "lag-exporter", HERALD_METRICS_PORT=str(busy_port))
     assert busy.returncode == 2
     assert busy.stderr.strip().splitlines() == [busy.stderr.strip()]

@@ -138,3 +138,11 @@ def test_settings_are_frozen_but_model_copy_works() -> None:
     with pytest.raises(ValidationError):
         s.batch_size = 9  # type: ignore[misc]
     assert s.model_copy(update={"batch_size": 9}).batch_size == 9
+
+
+def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As compose and Kubernetes pass "not configured" (`HERALD_APP_URL=`): the default holds."""
+    for name in ("HERALD_APP_URL", "HERALD_RECEIVER__SOURCES", "HERALD_SMTP__PASSWORD", "HERALD_BATCH_SIZE"):
+        monkeypatch.setenv(name, "")
+    s = Settings()
+    assert (s.app_url, s.receiver.sources, s.smtp.password, s.batch_size) == (None, {}, None, 2000)
