@@ -107,25 +107,24 @@ class Kafka:
         why = why or f"no answer in {self.timeout:.0f}s"
         return BrokerUnavailable(f"the broker at {self.settings.kafka_bootstrap} is unreachable: {why}")
 
-    def partitions(self, topic: str) -> list[int]:
-        """The topic's partitions; ``ConfigError`` when the topic does not exist.
-
-        From the list of all topics: a metadata request naming a topic creates it on a
-        broker with auto-creation on (the embedded broker does so).
-        """
+    def topic_partitions(self) -> dict[str, list[int]]:
+        """Every topic and its partitions, from one metadata request for all topics: one
+        naming a topic creates it on a broker with auto-creation on (the embedded one does)."""
         try:
-            meta = self.admin.list_topics(timeout=self.timeout).topics.get(topic)
+            found = self.admin.list_topics(timeout=self.timeout).topics
         except (KafkaException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
-        if meta is None or meta.error is not None or not meta.partitions:
+        return {t: sorted(m.partitions) for t, m in found.items() if m.error is None and m.partitions}
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions; ``ConfigError`` when the topic does not exist."""
+        found = self.topic_partitions().get(topic)
+        if not found:
             raise ConfigError(f"unknown topic {topic!r} at {self.settings.kafka_bootstrap}")
-        return sorted(meta.partitions)
+        return found
 
     def topics(self) -> list[str]:
-        try:
-            return sorted(self.admin.list_topics(timeout=self.timeout).topics)
-        except (KafkaException, TimeoutError) as exc:
-            raise self._unreachable(exc) from exc
+        return sorted(self.topic_partitions())
 
     def groups(self) -> list[str]:
         try:
@@ -213,9 +212,12 @@ class Kafka:
         try:
             while len(got) < len(batch) and time.monotonic() < deadline:
                 m = self.reader.poll(0.2)
-                if m is None or m.error() is not None:
+                if m is None:
                     continue
                 tp = (str(m.topic()), int(m.partition() or 0))
+                if m.error() is not None:
+                    log.debug("read %s[%d]: %s", *tp, m.error(), extra={"topic": tp[0], "partition": tp[1]})
+                    continue
                 offset = batch.get(tp)
                 if offset is None or (tp[0], tp[1], offset) in got:
                     continue
@@ -237,34 +239,7 @@ class Kafka:
 
     def read_at(self, topic: str, partition: int, offset: int) -> Record | None:
         """The first record at or after ``offset`` (None when none comes within the timeout)."""
-        self.reader.assign([TopicPartition(topic, partition, offset)])
-        deadline = time.monotonic() + self.timeout
-        try:
-            while time.monotonic() < deadline:
-                m = self.reader.poll(0.2)
-                if m is None or m.error() is not None:
-                    if m is not None:
-                        log.debug(
-                            "read %s[%d]@%d: %s",
-                            topic,
-                            partition,
-                            offset,
-                            m.error(),
-                            extra={"topic": topic, "partition": partition, "offset": offset},
-                        )
-                    continue
-                return Record(
-                    topic,
-                    partition,
-                    int(m.offset() or 0),
-                    m.key(),
-                    m.value(),
-                    headers_of(m),
-                    int(m.timestamp()[1]),
-                )
-            return None
-        finally:
-            self.reader.unassign()
+        return self._read_heads({(topic, partition): offset}).get((topic, partition, offset))
 
     def alter(self, group: str, offsets: Sequence[tuple[str, int, int]]) -> None:
         request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p, o) for t, p, o in offsets])
@@ -325,9 +300,6 @@ def group_topics(settings: Settings, group: str) -> list[str]:
     if group.startswith("herald-deliver-"):
         return topics.channel_topics(group.removeprefix("herald-deliver-"), settings.delivery.retry_tiers)
     return []
-
-
-TP = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,14 +379,13 @@ class LagReader:
         """(group, topic, partition, committed offset) for each partition a group reads: those
         it committed under herald's prefix (any, when ``strict``), and every partition of the
         topics a herald group reads, committed or not."""
-        existing = set(self.k.topics())
+        existing = self.k.topic_partitions()
         wanted: list[tuple[str, str, int, int | None]] = []
         for group in names:
             committed = self.k.committed(group)
             keys = {tp for tp in committed if tp[0].startswith(self._prefix) or strict}
             for topic in group_topics(self.settings, group):
-                if topic in existing:
-                    keys |= {(topic, p) for p in self.k.partitions(topic)}
+                keys |= {(topic, p) for p in existing.get(topic, [])}
             wanted += [(group, t, p, committed.get((t, p))) for t, p in sorted(keys) if t in existing]
         return wanted
 
