@@ -129,6 +129,8 @@ def _json_body(raw: bytes, request: Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpProblem(400, "Bad Request", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise HttpProblem(400, "Bad Request", "the body is not valid JSON: nested too deeply") from None
 
 
 def _invalid(exc: ValidationError) -> HttpProblem:

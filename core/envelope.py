@@ -227,6 +227,10 @@ def load_json(value: bytes) -> Any:
         return json.loads(value)
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotJson(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        # Nesting deeper than the interpreter's stack (a few hundred KB of "[[[["): a poison
+        # record, not a crash. pydantic's parser (the native path) has a limit of its own.
+        raise NotJson("not valid JSON: nested too deeply") from None
 
 
 def load_object(value: bytes) -> dict[str, Any]:

@@ -159,7 +159,7 @@ class Stripe:
         """Stripe names the event in the body (``{"id": "evt_…"}``), not in a header."""
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the stack
             return None
         value = parsed.get("id") if isinstance(parsed, dict) else None
         return value if isinstance(value, str) and value else None

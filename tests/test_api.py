@@ -261,6 +261,13 @@ def test_hidden_rows_are_not_found(base: str, db: Conn, user: str) -> None:
         (
             "PUT",
             "/v1/preferences",
+            {"content": b"[" * 30_000, "headers": {"content-type": "application/json"}},
+            400,
+            "nested too deeply",
+        ),
+        (
+            "PUT",
+            "/v1/preferences",
             {"content": b"{}", "headers": {"content-type": "text/plain"}},
             415,
             "application/json",

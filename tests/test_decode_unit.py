@@ -344,3 +344,12 @@ def test_templates_never_evaluate_what_they_insert() -> None:
         0
     ]
     assert env.title == evil
+
+
+@pytest.mark.parametrize("with_rules", [False, True])
+def test_json_nested_past_the_stack_is_not_json_not_a_crash(with_rules: bool) -> None:
+    # 100,000 open brackets are 100 KB, under the size limit: a poison record the chaos run
+    # sends. Python's json raised RecursionError (a RuntimeError) through the decoder.
+    decoder = Decoder(max_bytes=262_144, rules=RuleSet.load(SHIPPED) if with_rules else None)
+    assert rejected(decoder, b"[" * 100_000).reason == "not_json"
+    assert rejected(decoder, b'{"a":' * 40_000).reason == "not_json"
