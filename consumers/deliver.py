@@ -363,6 +363,14 @@ class DeliverHandler:
             self._metrics.deferred.labels(self.channel, why).inc()
 
     def _plan(self, batch: Batch) -> None:
+        """Sort the batch's records and claim what is to be sent. ``batch.work`` is set last:
+        until then ``apply`` plans again, so a claim transaction that failed (PostgreSQL
+        away) is redone on the retry, and never taken for a batch with nothing to send
+        (whose offsets the loop would then commit: the records would be lost)."""
+        # What an earlier, failed try of this plan noted is noted again.
+        batch.deferrals.clear()
+        batch.skipped.clear()
+        batch.unreadable.clear()
         now = time.time()
         live: list[Item] = []
         # The same stage of a delivery twice in one batch: the first copy speaks for both.
@@ -380,8 +388,8 @@ class DeliverHandler:
             else:
                 seen.add((item.delivery_id, item.attempts_before))
                 live.append(item)
-        batch.work = []
         if not live:
+            batch.work = []
             return
         with self._db.transaction() as cur:
             rows = store.states(cur, sorted({i.delivery_id for i in live if i.delivery_id}))
@@ -422,6 +430,7 @@ class DeliverHandler:
         # Skips after a deferral in the same partition come again with it: not counted twice.
         batch.skipped = [(i, r) for i, r in batch.skipped if not _after_deferral(batch, i)]
         batch.unreadable = [i for i in batch.unreadable if not _after_deferral(batch, i)]
+        work: list[Work] = []
         for item in mine:
             assert item.payload is not None and item.delivery_id is not None
             settled = done.get(item.delivery_id, {})
@@ -432,9 +441,10 @@ class DeliverHandler:
             ]
             row = rows[item.delivery_id]
             w = Work(item, item.attempts_before + 1, targets, settled, budget_base=row.budget_base)
-            batch.work.append(w)
+            work.append(w)
             self._in_hand[item.delivery_id] = w
             self._holds.setdefault(item.tp, set()).add(item.offset)
+        batch.work = work
 
     # -- 3: send -------------------------------------------------------------------------
 

@@ -521,3 +521,31 @@ def test_a_rebalance_lets_a_send_finish_within_the_grace(
     (row,) = rows(db, "patient")
     assert row["status"] == "sent" and row["attempts"] == 1, row
     assert len(peer.at("/slow/2500")) == 1, "finished within the grace: recorded, committed, not sent again"
+
+
+def test_postgres_failing_the_claim_retries_it_and_loses_nothing(
+    db: Conn, dsettings: Settings, peer: WebhookPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by `herald chaos`: PostgreSQL going away during a batch's claim transaction left
+    # the batch marked planned with nothing to send, so the loop committed past its records
+    # and their rows stayed `queued` for ever. The claim's first look-up fails here, once.
+    import storage.deliveries as store
+    from core.errors import DatabaseUnavailable
+
+    real = store.states
+    failures = []
+
+    def states_failing_once(cur: Any, ids: Any) -> Any:
+        if not failures:
+            failures.append(len(ids))
+            raise DatabaseUnavailable("the database went away during the claim (injected)")
+        return real(cur, ids)
+
+    user_with(db, dsettings, "pia", peer.url("/ok"))
+    send_events(dsettings, *(critical("pia", title=f"Alert {i}") for i in range(5)))
+    monkeypatch.setattr(store, "states", states_failing_once)
+    deliver_until_final(dsettings, db, "pia", n=5)
+
+    assert failures, "the injected failure never happened: the test proves nothing"
+    assert [r["status"] for r in rows(db, "pia")] == ["sent"] * 5
+    assert sorted(peer.ids("/ok").values()) == [1] * 5
