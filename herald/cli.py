@@ -675,10 +675,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser(
+        "chaos",
+        help="the whole pipeline under load with faults from a seed; checks the end state",
+        description=(
+            "Runs every process of `herald dev` on its own embedded broker and PostgreSQL, sends a "
+            "steady load (signed webhooks through the receiver, native, CloudEvents and mapped "
+            "Stripe/GitHub records on the bus, 20%% duplicates, malformed and poison records) while "
+            "killing processes, stopping PostgreSQL, failing the providers, rebalancing groups and "
+            "replaying the events topic, then checks every invariant. Prints a report, writes it "
+            "as JSON, and ends with it on one line. Exit 0 only when every invariant held."
+        ),
+    )
+    s.add_argument(
+        "--duration", type=_duration, default=300.0, metavar="D", help="how long the load runs (default 5m)"
+    )
+    s.add_argument(
+        "--rate", type=float, default=2000.0, metavar="N", help="records per second (default 2000)"
+    )
+    s.add_argument(
+        "--seed", type=int, help="the seed of the users, the load and the faults (default: random)"
+    )
+    s.add_argument("--users", type=int, default=200, metavar="N", help="users (default 200)")
+    s.add_argument("--report", default="chaos-report.json", metavar="FILE", help="default chaos-report.json")
+    s.add_argument("--folder", metavar="DIR", help="data and logs (default: a new temporary folder)")
+    s.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=300.0,
+        metavar="D",
+        help="how long the pipeline may take to drain after the load (default 5m)",
+    )
+    s.set_defaults(func=cmd_chaos)
+
     from herald.ops import add_parsers
 
     add_parsers(sub)
     return p
+
+
+def _duration(text: str) -> float:
+    from config.settings import duration_seconds
+
+    try:
+        return duration_seconds(text) if not text.replace(".", "", 1).isdigit() else float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
+    from herald.chaos.run import run_chaos
+
+    if args.rate <= 0 or args.duration < 30 or args.users < 10:
+        raise ConfigError(
+            "herald chaos wants --rate above 0, --duration of 30s or more and --users of 10 or more"
+        )
+    return run_chaos(
+        settings,
+        duration_s=args.duration,
+        rate=args.rate,
+        seed=args.seed,
+        users=args.users,
+        folder=args.folder,
+        report_path=args.report,
+        drain_timeout_s=args.drain_timeout,
+    )
 
 
 def one_line(exc: ValidationError) -> str:

@@ -59,12 +59,25 @@ class Child:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path, url: str = "") -> None:
         self.name = name
+        self.args = args
+        self.env = env
         self.url = url  # where it serves (the receiver), if anywhere
-        self.metrics_port = free_port()
         self.log_path = logdir / f"{name}.log"
-        env = {**env, "HERALD_METRICS_PORT": str(self.metrics_port), "HERALD_METRICS_HOST": "127.0.0.1"}
+        self.metrics_port = 0
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.metrics_port = free_port()
+        env = {**self.env, "HERALD_METRICS_PORT": str(self.metrics_port), "HERALD_METRICS_HOST": "127.0.0.1"}
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(herald_command(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(herald_command(*self.args), env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def restart(self) -> None:
+        """Start it again (after it was killed or stopped): same arguments, settings and log,
+        a new metrics port."""
+        if self.proc.poll() is None:
+            raise RuntimeError(f"{self.name} is still running (pid {self.proc.pid})")
+        self.proc = self._spawn()
 
     def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.metrics_port}/healthz"
@@ -208,7 +221,7 @@ def dev_source(settings: Settings) -> tuple[Settings, dict[str, str]]:
     return settings.model_copy(update={"receiver": receiver}), env
 
 
-def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
+def wait_healthy(children: Sequence[Child], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     for child in children:
         while not child.healthy():
@@ -219,7 +232,7 @@ def _wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def _wait_answering(url: str, child: Child, timeout: float = 60.0) -> None:
+def wait_answering(url: str, child: Child, timeout: float = 60.0) -> None:
     """Until ``url`` answers 200: a child's /metrics may be up before its own server listens."""
     deadline = time.monotonic() + timeout
     while True:
@@ -261,10 +274,7 @@ def run_dev(
             }
         )
         dev, source_env = dev_source(dev)
-        migrate(embedded.postgres.url)
-        topics = Topics(dev.topic_prefix)
-        channel_topics = [t for c in PROVIDERS for t in topics.channel_topics(c, dev.delivery.retry_tiers)]
-        ensure_topics(dev, [*topics.ingest_topics(), *channel_topics, *map(topics.deliveries_dlq, PROVIDERS)])
+        topics = provision(dev)
         logdir = root / "logs"
         logdir.mkdir(exist_ok=True)
         catcher = None if settings.smtp.host else stack.enter_context(MailCatcher(root / "mail"))
@@ -275,39 +285,13 @@ def run_dev(
         children: list[Child] = []
         receiver_url: str | None = None
         if processes:
-            children = [
-                Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)
-            ]
-            # Dev is loopback: its webhook receivers and push service (the demo's) live on 127.0.0.1.
-            deliver_env = {
-                **child_env,
-                "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS": "true",
-                "HERALD_PUSH__ALLOW_PRIVATE_TARGETS": "true",
-            }
-            children += [
-                Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS
-            ]
-            children.append(Child("digest", ["digest"], child_env, logdir))
-            receiver_port = free_port()
-            receiver_url = f"http://127.0.0.1:{receiver_port}"
-            receiver_env = {
-                **child_env,
-                **source_env,
-                "HERALD_RECEIVER__HOST": "127.0.0.1",
-                "HERALD_RECEIVER__PORT": str(receiver_port),
-            }
-            children.append(Child("receiver", ["receiver"], receiver_env, logdir, url=receiver_url))
-            # Only the API child gets the port: `herald api` from a dev.env shell must not collide.
-            children.append(
-                Child("api", ["api"], {**child_env, "HERALD_API__PORT": str(dev.api.port)}, logdir)
-            )
-            children.append(Child("lag-exporter", ["lag-exporter"], {**DEV_LAG, **child_env}, logdir))
+            children, receiver_url = start_processes(dev, child_env, source_env, logdir, ingest_processes)
         for child in reversed(children):
             stack.callback(child.stop)
-        _wait_healthy(children)
+        wait_healthy(children)
         env_lines = dev_env_lines(dev, receiver_url) + "".join(f"{k}={v}\n" for k, v in source_env.items())
         if processes:
-            _wait_answering(f"{api_url(dev)}/healthz", next(c for c in children if c.name == "api"))
+            wait_answering(f"{api_url(dev)}/healthz", next(c for c in children if c.name == "api"))
             # Ready means consuming: every group has joined and owns its partitions.
             for group in (INGEST_GROUP, *map(deliver_group, PROVIDERS), DIGEST_GROUP):
                 wait_group_stable(dev, group, timeout=dev.session_timeout_ms / 1000 + 60)
@@ -331,6 +315,50 @@ def run_dev(
         print("herald dev: stopping ...", flush=True)
     print("herald dev: stopped.", flush=True)
     return 0
+
+
+def provision(settings: Settings) -> Topics:
+    """Migrations and every topic the processes use (``herald dev``, ``herald chaos``)."""
+    migrate(settings.database_url.get_secret_value())
+    topics = Topics(settings.topic_prefix)
+    channel_topics = [t for c in PROVIDERS for t in topics.channel_topics(c, settings.delivery.retry_tiers)]
+    dlqs = [topics.deliveries_dlq(c) for c in PROVIDERS]
+    ensure_topics(settings, [*topics.ingest_topics(), *channel_topics, *dlqs])
+    return topics
+
+
+def start_processes(
+    dev: Settings,
+    child_env: dict[str, str],
+    source_env: Mapping[str, str],
+    logdir: Path,
+    ingest_processes: int = 1,
+) -> tuple[list[Child], str]:
+    """Every herald process of the dev stack (``herald chaos`` runs the same set): ingest,
+    one deliverer per channel, the digest process, the webhook receiver on a free port, the
+    API on ``dev.api.port`` and the lag exporter. Returns them and the receiver's URL."""
+    children = [Child(f"ingest-{i + 1}", ["ingest"], child_env, logdir) for i in range(ingest_processes)]
+    # Dev is loopback: its webhook receivers and push service (the demo's) live on 127.0.0.1.
+    deliver_env = {
+        **child_env,
+        "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS": "true",
+        "HERALD_PUSH__ALLOW_PRIVATE_TARGETS": "true",
+    }
+    children += [Child(f"deliver-{c}", ["deliver", "--channel", c], deliver_env, logdir) for c in PROVIDERS]
+    children.append(Child("digest", ["digest"], child_env, logdir))
+    receiver_port = free_port()
+    receiver_url = f"http://127.0.0.1:{receiver_port}"
+    receiver_env = {
+        **child_env,
+        **source_env,
+        "HERALD_RECEIVER__HOST": "127.0.0.1",
+        "HERALD_RECEIVER__PORT": str(receiver_port),
+    }
+    children.append(Child("receiver", ["receiver"], receiver_env, logdir, url=receiver_url))
+    # Only the API child gets the port: `herald api` from a dev.env shell must not collide.
+    children.append(Child("api", ["api"], {**child_env, "HERALD_API__PORT": str(dev.api.port)}, logdir))
+    children.append(Child("lag-exporter", ["lag-exporter"], {**DEV_LAG, **child_env}, logdir))
+    return children, receiver_url
 
 
 def job_name(child: str) -> str:
