@@ -396,6 +396,8 @@ class Load:
                         break
                     except BufferError:
                         producer.poll(0.05)
+                if sent.dlq_reason is not None:
+                    sent.value = None  # never sent again: a 300 KB poison record is not kept
             producer.poll(0)
             time.sleep(0.005)
         if producer.flush(120):
