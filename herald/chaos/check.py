@@ -320,9 +320,11 @@ def _delivery_rows(
 def _duplicates(
     seen: dict[str, list[dict[str, Any]]], faults: Sequence[Fault], lease_s: float, concurrency: int
 ) -> dict[str, Any]:
-    """Each id accepted twice or more must follow a fault that can cause it: a kill or a stop
-    of that channel's deliverer (the send-once window), or a PostgreSQL outage (the outcome
-    could not be recorded), between its first acceptance and the next."""
+    """Each id accepted twice or more must follow a fault that can cause it: a kill of that
+    channel's deliverer (the send-once window), a rebalance of its group (an instance that
+    leaves gives back the sends it abandoned, which the next owner sends again), or a
+    PostgreSQL outage (the outcome could not be recorded), under way between its first
+    acceptance and the next."""
     by_fault: Counter[str] = Counter()
     unattributed: list[Any] = []
     total = 0
@@ -338,7 +340,10 @@ def _duplicates(
                     f
                     for f in faults
                     if f.started
-                    and first - 1.0 <= f.started <= again
+                    # The fault was under way at some point between the two acceptances
+                    # (a rebalance's instance leaves, abandoning its sends, when it ends).
+                    and f.started <= again
+                    and (f.recovered or again) >= first - 1.0
                     and (
                         f.kind == "postgres"
                         or (f.kind in ("kill", "rebalance") and f.target == f"deliver-{provider}")

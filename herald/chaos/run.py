@@ -379,15 +379,16 @@ def run_chaos(
                     f"{late:,} late, {len(peers.accepted()):,} accepted by the peers"
                 )
         interrupted = stopper.event.is_set()
+        load_end = time.time()
         say("load stopping; waiting for the fault in progress ...")
         stop_faults.set()
         load.stop()
         fault_thread.join(180)
         readers.stop()
-        load_end = time.time()
         say(f"{len(load.sent):,} records sent in {load_end - started:.0f}s; draining ...")
+        stopped_at = time.time()
         drained = drain(dev, watcher, stopper, drain_timeout_s)
-        say(f"drained in {time.time() - load_end:.1f}s" if drained else "did NOT drain")
+        say(f"drained in {time.time() - stopped_at:.1f}s" if drained else "did NOT drain")
         watcher.stop()
         for name, pid, port in procs.running():
             watcher.read_instance(name, pid, port)
