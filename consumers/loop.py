@@ -134,6 +134,12 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         # default is 500 ms). Kafka answers as soon as records arrive; a broker that does not
         # (the embedded one) would add up to this much to a record's delay at low rates.
         "fetch.wait.max.ms": 100,
+        # Prefetch at most 16 MiB and a few batches' worth of records. librdkafka's defaults
+        # (64 MiB, 100,000 records) let ingest catching up on a backlog of large records reach
+        # 260 MB RSS in herald chaos; a batch is `batch_size` records, so this keeps several
+        # batches ahead. HERALD_KAFKA__QUEUED_MAX_MESSAGES_KBYTES overrides it.
+        "queued.max.messages.kbytes": 16_384,
+        "queued.min.messages": max(1000, 4 * settings.batch_size),
     }
     conf.update(settings.kafka_client_config())
     conf.update(extra)

@@ -94,8 +94,7 @@ def schedule(rng: random.Random, duration_s: float) -> list[Fault]:
         elif kind == "rebalance":
             faults.append(Fault("rebalance", rng.choice(REBALANCE_TARGETS), at_s, rng.uniform(5.0, 12.0)))
         else:
-            minutes = 1 if duration_s <= 120 else 2
-            faults.append(Fault("replay", "herald-ingest", max(at_s, 20.0), 0.0, detail=f"-{minutes}m"))
+            faults.append(Fault("replay", "herald-ingest", max(at_s, 20.0), 0.0, detail="-1m"))
     faults.sort(key=lambda f: f.at_s)
     return faults
 

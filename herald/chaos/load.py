@@ -41,6 +41,10 @@ DUPLICATE_SHARE = 0.20
 # The receiver source herald chaos configures (standard-webhooks, a secret for the run).
 RECEIVER_SOURCE = "chaos"
 EVENT_SOURCE = "chaos-app"
+# Records first sent through the receiver name another source: their time is when the
+# request was made, not when the receiver produced them, so the latency figures (record
+# timestamp to the provider) leave them out.
+HOOK_SOURCE = "chaos-hooks"
 
 # (payload, reason it must be dead-lettered with)
 MALFORMED: tuple[tuple[bytes | None, str], ...] = (
@@ -182,13 +186,13 @@ class Generator:
     def _severity(self) -> str:
         return self._rng.choices(SEVERITIES, SEVERITY_WEIGHTS)[0]
 
-    def _native_doc(self, now: float) -> tuple[dict[str, Any], tuple[Note, ...]]:
+    def _native_doc(self, now: float, source: str = EVENT_SOURCE) -> tuple[dict[str, Any], tuple[Note, ...]]:
         rng = self._rng
         severity = self._severity()
         event_id = f"e{self._n}"
         doc: dict[str, Any] = {
             "id": event_id,
-            "source": EVENT_SOURCE,
+            "source": source,
             "type": f"chaos.{severity}",
             "title": f"Chaos event {self._n}",
             "severity": severity,
@@ -207,7 +211,7 @@ class Generator:
             doc["resource_id"] = resource
             key = rkey(doc["type"], resource)
         else:
-            key = skey(EVENT_SOURCE, event_id)
+            key = skey(source, event_id)
         if rng.random() < 0.05:
             users = sorted(set(rng.sample(self._users, 3)))
             doc["recipients"] = users
@@ -224,7 +228,7 @@ class Generator:
         return Sent("native", json.dumps(doc).encode(), [], notes)
 
     def _receiver(self, now: float) -> Sent:
-        doc, notes = self._native_doc(now)
+        doc, notes = self._native_doc(now, HOOK_SOURCE)
         return Sent("native", json.dumps(doc).encode(), [], notes, via_receiver=True)
 
     def _cloudevent(self, now: float) -> Sent:
