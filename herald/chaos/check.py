@@ -169,6 +169,7 @@ def run(
         "accepted": sum(1 for s in load.sent if s.position is not None),
         "via_receiver": sum(1 for s in load.sent if s.via_receiver),
         "receiver_unconfirmed": sum(1 for s in load.sent if s.unconfirmed),
+        "receiver_dropped_at_stop": sum(1 for s in load.sent if s.dropped),
         "duplicates_sent": sum(1 for s in load.sent if s.duplicate),
         "malformed": sum(1 for s in load.sent if s.kind == "malformed"),
         "poison": sum(1 for s in load.sent if s.kind == "poison"),

@@ -96,6 +96,8 @@ class Sent:
     position: tuple[int, int] | None = None
     # The receiver did not answer 202 (down, killed mid-request): it may or may not be stored.
     unconfirmed: bool = False
+    # Still queued for the receiver when the load stopped: never sent.
+    dropped: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,7 @@ class Load:
         rate: float,
         receiver_url: str,
         events_topic: str,
-        posters: int = 4,
+        posters: int = 8,
         retry_s: float = 20.0,
     ) -> None:
         self._settings = settings
@@ -354,13 +356,17 @@ class Load:
         ]
         self.receiver_refusals = 0
         self._lock = threading.Lock()
+        self._give_up_at = float("inf")
 
     def start(self) -> None:
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
-        """Stop sending; returns once every record is acknowledged or given up on."""
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop sending; returns once every record is acknowledged or given up on. Requests
+        still queued for the receiver ``grace_s`` after the stop are dropped (never sent),
+        and retries stop then: a dead receiver must not hold the run for hours."""
+        self._give_up_at = time.monotonic() + grace_s
         self._stop.set()
         self._threads[0].join()
         for _ in self._threads[1:]:
@@ -411,6 +417,9 @@ class Load:
         client = ReceiverClient(self._receiver_url, timeout=10)
         try:
             while (sent := self._queue.get()) is not None:
+                if time.monotonic() > self._give_up_at:
+                    sent.dropped = True  # never sent: it counts for nothing
+                    continue
                 self._post_one(client, sent)
         finally:
             client.close()
@@ -434,6 +443,6 @@ class Load:
             sent.unconfirmed = True
             with self._lock:
                 self.receiver_refusals += 1
-            if time.monotonic() > deadline:
+            if time.monotonic() > min(deadline, self._give_up_at):
                 return  # given up on, as a sender would: it counts only if it was stored
             time.sleep(0.5)

@@ -224,16 +224,33 @@ class Stack(Actions):
             child.stop(60)
         self.watcher.mark(child.proc.pid, how)
 
+    def _wait_joined(self, child: Child, since: int, timeout: float = 120.0) -> None:
+        """Until ``child`` (if it is a consumer) logs an assignment after byte ``since`` of its
+        log: a process is back when it consumes, not when it answers /healthz, and the next
+        fault never stops a consumer still joining (see the README's embedded broker notes)."""
+        if group_of(child.name) is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(child.log_path, "rb") as log_file:
+                log_file.seek(since)
+                if b": assigned " in log_file.read():
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{child.name} not assigned any partition {timeout:.0f}s after it started")
+
     def inject(self, fault: Fault) -> None:
         if fault.kind == "kill":
             child = self.children[fault.target]
             fault.extra["pid"] = child.proc.pid
             self._stop_child(child, "killed")
             time.sleep(fault.hold_s)
+            since = log_size(child)
             with self._lock:
                 child.restart()
             fault.ended = time.time()
             wait_healthy([child])
+            self._wait_joined(child, since)
         elif fault.kind == "postgres":
             self.embedded.postgres.stop()
             time.sleep(fault.hold_s)
@@ -247,15 +264,20 @@ class Stack(Actions):
             fault.ended = time.time()
         elif fault.kind == "rebalance":
             base = self.children[fault.target]
+            extra_log = self.logdir / f"{fault.target}+.log"
+            joined_from = extra_log.stat().st_size if extra_log.exists() else 0
             extra = Child(f"{fault.target}+", base.args, base.env, self.logdir)
             with self._lock:
                 self.extras.append(extra)
             wait_healthy([extra])
+            self._wait_joined(extra, joined_from)
             time.sleep(fault.hold_s)
+            since = log_size(base)
             self._stop_child(extra, "stopped")
             with self._lock:
                 self.extras.remove(extra)
             fault.ended = time.time()
+            self._wait_joined(base, since)  # the instance that stays takes the partitions back
         elif fault.kind == "replay":
             self._replay(fault)
         else:
@@ -280,11 +302,14 @@ class Stack(Actions):
         out = run_replay(argv, self.env)
         lines = [line for line in out.splitlines() if "will be read again" in line]
         fault.extra["reread"] = int(lines[-1].split()[0]) if lines else None
+        sizes = [log_size(c) for c in ingest]
         with self._lock:
             for child in ingest:
                 child.restart()
         fault.ended = time.time()
         wait_healthy(ingest)
+        for child, since in zip(ingest, sizes, strict=True):
+            self._wait_joined(child, since)
 
     def _wait_database(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -300,6 +325,20 @@ class Stack(Actions):
     def stop_all(self) -> None:
         for child in [*self.extras, *reversed(list(self.children.values()))]:
             child.stop()
+
+
+def log_size(child: Child) -> int:
+    return child.log_path.stat().st_size if child.log_path.exists() else 0
+
+
+def group_of(name: str) -> str | None:
+    """The consumer group of a process of the run (``ingest-1``, ``deliver-email+``, ...)."""
+    base = name.rstrip("+")
+    if base.startswith("ingest"):
+        return INGEST_GROUP
+    if base.startswith("deliver-"):
+        return deliver_group(base.removeprefix("deliver-"))
+    return DIGEST_GROUP if base == "digest" else None
 
 
 def run_chaos(
