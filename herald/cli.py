@@ -730,16 +730,20 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(
             "herald chaos wants --rate above 0, --duration of 30s or more and --users of 10 or more"
         )
-    return run_chaos(
-        settings,
-        duration_s=args.duration,
-        rate=args.rate,
-        seed=args.seed,
-        users=args.users,
-        folder=args.folder,
-        report_path=args.report,
-        drain_timeout_s=args.drain_timeout,
-    )
+    try:
+        return run_chaos(
+            settings,
+            duration_s=args.duration,
+            rate=args.rate,
+            seed=args.seed,
+            users=args.users,
+            folder=args.folder,
+            report_path=args.report,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        # A process that would not start or join: one line, its log named in the message.
+        raise HeraldError(f"herald chaos could not run: {exc}") from None
 
 
 def one_line(exc: ValidationError) -> str:

@@ -224,7 +224,7 @@ def dev_source(settings: Settings) -> tuple[Settings, dict[str, str]]:
 def wait_healthy(children: Sequence[Child], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     for child in children:
-        while not child.healthy():
+        while not child.healthy() or child.proc.poll() is not None:
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
             if time.monotonic() > deadline:
