@@ -187,8 +187,7 @@ class IngestHandler:
                 "%d invalid event(s) -> dead-letter topic (%s)",
                 len(dead),
                 ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items(), key=lambda rn: str(rn[0]))),
-                extra={"outcome": "dlq"},
-            )
+            )  # no record's context: each record's own line (DEBUG) carries it
         return list(notes.values()), dead, origin
 
     def _default_source(self, msg: Message) -> str:

@@ -17,6 +17,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -60,6 +61,9 @@ def _secrets(source: SourceSettings) -> list[bytes]:
     return [s.get_secret_value().encode() for s in source.secrets]
 
 
+_SW_ENTRY = re.compile(r"^v[0-9]+,[A-Za-z0-9+/=]+$")
+
+
 class StandardWebhooks:
     """``webhook-id``, ``webhook-timestamp``, ``webhook-signature``: v1 HMAC-SHA256 over
     ``id.timestamp.body``, 5 minutes of tolerance either way; by the ``standardwebhooks`` library.
@@ -89,6 +93,10 @@ class StandardWebhooks:
                 "body is not UTF-8, so it cannot carry a standard-webhooks signature"
             ) from None
         plain = {k: v for k, v in wanted.items() if v is not None}
+        # Checked here, not left to the library: standardwebhooks 1.3 answers "no matching
+        # signature" for a header with no "v<n>,<signature>" entry at all, where 1.1 raised.
+        if not any(_SW_ENTRY.match(e) for e in plain["webhook-signature"].split(" ")):
+            raise SignatureError("malformed webhook-signature")
         last = NO_MATCH
         for hook in self._hooks:
             try:
