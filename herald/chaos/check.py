@@ -83,10 +83,18 @@ def run(
             )
         }
         deliveries = {
-            str(r[0]): (r[1] and str(r[1]), str(r[2]), str(r[3]), str(r[4]), r[5], str(r[6]))
+            str(r[0]): (r[1] and str(r[1]), str(r[2]), str(r[3]), str(r[4]), r[5], str(r[6]), r[7])
             for r in conn.execute(
-                "SELECT id::text, notification_id::text, user_id, channel, status, status_reason, route"
-                " FROM deliveries"
+                "SELECT id::text, notification_id::text, user_id, channel, status, status_reason, route,"
+                " extract(epoch FROM published_at) FROM deliveries"
+            )
+        }
+        # The first send of each delivery (the deliverer's clock as it began the request).
+        first_send = {
+            str(r[0]): float(r[1])
+            for r in conn.execute(
+                "SELECT delivery_id::text, extract(epoch FROM min(started_at)) FROM delivery_attempts"
+                " WHERE endpoint_id <> 0 GROUP BY delivery_id"
             )
         }
         windows = {
@@ -165,7 +173,7 @@ def run(
         )
     )
 
-    latency = _latency(notes, deliveries, seen, faults, run_window)
+    latency = _latency(notes, deliveries, first_send, seen, faults, run_window)
     counts = {
         "records": len(load.sent),
         "accepted": sum(1 for s in load.sent if s.position is not None),
@@ -442,24 +450,40 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 1)
 
 
+# The stages of a critical's trip the report splits its latency into (see _latency).
+STAGES = (
+    "record_to_stored",
+    "stored_to_provider",
+    "stored_to_published",
+    "published_to_sending",
+    "sending_to_provider",
+)
+
+
 def _latency(
     notes: dict[tuple[str, str], Any],
     deliveries: dict[str, Any],
+    first_send: dict[str, float],
     seen: dict[str, list[dict[str, Any]]],
     faults: Sequence[Fault],
     run_window: tuple[float, float],
 ) -> dict[str, Any]:
     """Criticals sent at once (not rate-limited into a digest) of native and CloudEvents
     records, whose time is the moment the load made them (the record is produced within
-    milliseconds): from there to the peer's acceptance, split at the notification's insert
-    (PostgreSQL's transaction time). Outside outage windows: a critical whose life overlaps
-    a fault, from its start until the lag drained after it, is left out (and counted)."""
+    milliseconds): from there to the peer's acceptance. Outside outage windows: a critical
+    whose life overlaps a fault, from its start until the lag drained after it, is left out
+    (and counted).
+
+    Where the time goes, split at three points: the notification's insert (the start of
+    ingest's transaction), its delivery row marked published (the start of ingest's mark
+    transaction, after the broker acknowledged the delivery record), and the deliverer
+    beginning its first request. The deliverer may read a record before ingest marks its row,
+    so the third stage can be negative."""
     by_id = {v[1]: (v[0], v[2], v[3], v[5]) for v in notes.values()}
     windows = [(f.started, f.drained or run_window[1] + 3600) for f in faults if f.started]
     outside: list[float] = []
     inside: list[float] = []
-    to_store: list[float] = []
-    to_provider: list[float] = []
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
     for did, accs in seen.items():
         d = deliveries.get(did)
         if d is None or d[5] != "immediate" or not d[0]:
@@ -474,9 +498,14 @@ def _latency(
             inside.append(ms)
             continue
         outside.append(ms)
-        to_store.append((created - occurred) * 1000)
-        to_provider.append((at - created) * 1000)
-    return {
+        published, sending = d[6], first_send.get(did)
+        stages["record_to_stored"].append((created - occurred) * 1000)
+        stages["stored_to_provider"].append((at - created) * 1000)
+        if published is not None and sending is not None:
+            stages["stored_to_published"].append((float(published) - created) * 1000)
+            stages["published_to_sending"].append((sending - float(published)) * 1000)
+            stages["sending_to_provider"].append((at - sending) * 1000)
+    out: dict[str, Any] = {
         "criticals_outside_faults": len(outside),
         "criticals_during_faults": len(inside),
         "p50_ms": _pct(outside, 0.5),
@@ -484,8 +513,8 @@ def _latency(
         "p99_ms": _pct(outside, 0.99),
         "max_ms": _pct(outside, 1.0),
         "during_faults_p99_ms": _pct(inside, 0.99),
-        "record_to_stored_p50_ms": _pct(to_store, 0.5),
-        "record_to_stored_p99_ms": _pct(to_store, 0.99),
-        "stored_to_provider_p50_ms": _pct(to_provider, 0.5),
-        "stored_to_provider_p99_ms": _pct(to_provider, 0.99),
     }
+    for stage, values in stages.items():
+        out[f"{stage}_p50_ms"] = _pct(values, 0.5)
+        out[f"{stage}_p99_ms"] = _pct(values, 0.99)
+    return out

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from herald.chaos.check import Result
+from herald.chaos.check import STAGES, Result
 from herald.chaos.faults import Fault
 from herald.chaos.load import Load
 from herald.chaos.watch import Watcher
@@ -116,9 +116,11 @@ def emit(doc: dict[str, Any], path: str) -> None:
         f"  criticals     p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms "
         f"over {lat['criticals_outside_faults']:,} outside faults (target p99 < {P99_TARGET_MS:.0f} ms); "
         f"{lat['criticals_during_faults']:,} during faults, p99 {lat['during_faults_p99_ms']} ms",
-        f"  where it goes record -> stored p50 {lat['record_to_stored_p50_ms']} / p99 "
-        f"{lat['record_to_stored_p99_ms']} ms; stored -> provider p50 {lat['stored_to_provider_p50_ms']}"
-        f" / p99 {lat['stored_to_provider_p99_ms']} ms",
+        "  where it goes "
+        + "; ".join(
+            f"{stage.replace('_to_', ' -> ')} p50 {lat[stage + '_p50_ms']} / p99 {lat[stage + '_p99_ms']} ms"
+            for stage in STAGES
+        ),
         f"  duplicates    {doc['duplicates']['total']} at the providers, by fault: "
         f"{doc['duplicates']['by_fault']}",
         f"  peak lag      {doc['peak_lag']:,} records",
