@@ -460,6 +460,9 @@ STAGES = (
 )
 
 
+SLOWEST = 12
+
+
 def _latency(
     notes: dict[tuple[str, str], Any],
     deliveries: dict[str, Any],
@@ -484,6 +487,7 @@ def _latency(
     outside: list[float] = []
     inside: list[float] = []
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    trips: list[tuple[float, float, float, float | None, float | None, float]] = []
     for did, accs in seen.items():
         d = deliveries.get(did)
         if d is None or d[5] != "immediate" or not d[0]:
@@ -499,6 +503,7 @@ def _latency(
             continue
         outside.append(ms)
         published, sending = d[6], first_send.get(did)
+        trips.append((ms, occurred, created, published, sending, at))
         stages["record_to_stored"].append((created - occurred) * 1000)
         stages["stored_to_provider"].append((at - created) * 1000)
         if published is not None and sending is not None:
@@ -517,4 +522,17 @@ def _latency(
     for stage, values in stages.items():
         out[f"{stage}_p50_ms"] = _pct(values, 0.5)
         out[f"{stage}_p99_ms"] = _pct(values, 0.99)
+
+    def marks(t: tuple[float, float, float, float | None, float | None, float]) -> dict[str, Any]:
+        ms, occurred, created, published, sending, at = t
+        points = [created, published, sending, at]
+        return {
+            "at_s": round(occurred - run_window[0], 1),
+            "ms": round(ms),
+            # milliseconds from the record to each mark: stored, published, sending, accepted
+            "marks_ms": [None if p is None else round((float(p) - occurred) * 1000) for p in points],
+        }
+
+    # The slowest trips outside faults, to see whether the tail gathers at some moment.
+    out["slowest"] = [marks(t) for t in sorted(trips, reverse=True)[:SLOWEST]]
     return out

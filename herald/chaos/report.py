@@ -121,6 +121,9 @@ def emit(doc: dict[str, Any], path: str) -> None:
             f"{stage.replace('_to_', ' -> ')} p50 {lat[stage + '_p50_ms']} / p99 {lat[stage + '_p99_ms']} ms"
             for stage in STAGES
         ),
+        "  slowest       "
+        + ", ".join(f"{t['ms']} ms at {t['at_s']}s {t['marks_ms']}" for t in lat.get("slowest", [])[:5])
+        + " (record to stored, published, sending, accepted)",
         f"  duplicates    {doc['duplicates']['total']} at the providers, by fault: "
         f"{doc['duplicates']['by_fault']}",
         f"  peak lag      {doc['peak_lag']:,} records",
