@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from herald.chaos.check import STAGES, Result
+from herald.chaos.check import STAGES, WARMUP_S, Result
 from herald.chaos.faults import Fault
 from herald.chaos.load import Load
 from herald.chaos.watch import Watcher
@@ -115,7 +115,9 @@ def emit(doc: dict[str, Any], path: str) -> None:
     lines += [
         f"  criticals     p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms "
         f"over {lat['criticals_outside_faults']:,} outside faults (target p99 < {P99_TARGET_MS:.0f} ms); "
-        f"{lat['criticals_during_faults']:,} during faults, p99 {lat['during_faults_p99_ms']} ms",
+        f"{lat['criticals_during_faults']:,} during faults, p99 {lat['during_faults_p99_ms']} ms; "
+        f"{lat.get('criticals_warmup', 0):,} in the first {WARMUP_S:.0f} s of load, "
+        f"max {lat.get('warmup_max_ms')} ms",
         "  where it goes "
         + "; ".join(
             f"{stage.replace('_to_', ' -> ')} p50 {lat[stage + '_p50_ms']} / p99 {lat[stage + '_p99_ms']} ms"
