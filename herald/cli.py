@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Runs every process of `herald dev` on its own embedded broker and PostgreSQL, sends a "
             "steady load (signed webhooks through the receiver, native, CloudEvents and mapped "
-            "Stripe/GitHub records on the bus, 20%% duplicates, malformed and poison records) while "
+            "Stripe/GitHub records on the bus, 20% duplicates, malformed and poison records) while "
             "killing processes, stopping PostgreSQL, failing the providers, rebalancing groups and "
             "replaying the events topic, then checks every invariant. Prints a report, writes it "
             "as JSON, and ends with it on one line. Exit 0 only when every invariant held."
