@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from config.settings import CHANNELS, Settings, load_settings
 from core.errors import ConfigError, HeraldError
 from core.logs import configure
+from core.malloc import fix_mmap_threshold
 from herald import __version__
 
 if TYPE_CHECKING:
@@ -764,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from herald.ops import normalize_argv
 
     args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    fix_mmap_threshold()
     try:
         settings = load_settings(args.config)
     except ValidationError as exc:
