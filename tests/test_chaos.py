@@ -16,11 +16,15 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from config.settings import Settings
+from herald.chaos.check import _trace_missing
 from herald.chaos.faults import schedule
-from herald.chaos.load import Generator, plan_users
+from herald.chaos.load import Generator, Note, Sent, plan_users
+from tests.helpers import produce
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("HERALD_CHAOS_SEED", "19"))
@@ -92,3 +96,19 @@ def test_chaos_help_and_a_bad_option_are_one_line() -> None:
     bad = subprocess.run([*run, "--duration", "10s"], capture_output=True, text=True, check=False, cwd=ROOT)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_missing_notification_is_traced_to_what_the_broker_holds(settings: Settings) -> None:
+    """The check says, for each record behind a missing notification, whether the broker holds
+    it at the position it acknowledged: lost before ingest, or by it."""
+    first, second = produce(settings, [b'{"first": 1}', b'{"second": 2}'])
+    note = Note("u1", "k:1", "info")
+    sent = [
+        Sent("native", b'{"first": 1}', [], (note,), sent_at=10.0, position=first[1:]),
+        Sent("native", b'{"other": 3}', [], (note,), sent_at=11.5, position=second[1:]),
+        Sent("native", b'{"gone": 4}', [], (note,), sent_at=12.0, position=(second[1], second[2] + 50)),
+        Sent("native", b'{"unrelated": 5}', [], (Note("u2", "k:2", "info"),), position=first[1:]),
+    ]
+    traced = _trace_missing(settings, SimpleNamespace(sent=sent), [("u1", "k:1")])  # type: ignore[arg-type]
+    assert [t["broker_holds"] for t in traced] == ["it", "another record", "nothing"]
+    assert traced[1]["sent_at_s"] == 1.5 and traced[0]["note"] == ["u1", "k:1"]

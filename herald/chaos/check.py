@@ -7,6 +7,7 @@ Each check returns pass or fail with the figures behind it; a failure names a fe
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from confluent_kafka import TopicPartition
 
 from api.auth import mint
 from config.settings import Settings
 from consumers.offsets import lag
+from consumers.reading import consumer as reading_consumer
 from consumers.reading import read_topic
 from herald.chaos.faults import Fault
 from herald.chaos.load import EVENT_SOURCE, Load, UserPlan
@@ -231,6 +234,7 @@ def _accepted(settings: Settings, load: Load, notes: dict[tuple[str, str], Any])
                 "wrong_severity": len(wrong),
                 "unconfirmed_stored": len(maybe & stored - set(expected)),
                 "examples": [list(k) for k in (missing + extra + wrong)[:5]],
+                "missing_records": _trace_missing(settings, load, missing[:5]),
             },
         )
     )
@@ -261,6 +265,53 @@ def _accepted(settings: Settings, load: Load, notes: dict[tuple[str, str], Any])
     )
 
     return inv
+
+
+def _trace_missing(settings: Settings, load: Load, missing: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For a missing notification, the records that should have made it, and what the broker
+    holds at the position it acknowledged for each (the same bytes, another record, or
+    nothing): whether the record was lost before ingest or by it."""
+    out: list[dict[str, Any]] = []
+    if not missing:
+        return out
+    wanted = set(missing)
+    topic = Topics(settings.topic_prefix).events
+    started = load.sent[0].sent_at if load.sent else 0.0
+    for s in load.sent:
+        hit = [n for n in s.notes if (n.user, n.key) in wanted]
+        if not hit or s.position is None:
+            continue
+        held = _record_at(settings, topic, *s.position)
+        out.append(
+            {
+                "note": [hit[0].user, hit[0].key],
+                "kind": s.kind,
+                "via_receiver": s.via_receiver,
+                "duplicate": s.duplicate,
+                "sent_at_s": round(s.sent_at - started, 1),
+                "position": list(s.position),
+                "broker_holds": "nothing"
+                if held is None
+                else ("it" if held == s.value else "another record"),
+            }
+        )
+    return out[:10]
+
+
+def _record_at(settings: Settings, topic: str, partition: int, offset: int) -> bytes | None:
+    """The value at ``offset`` of ``topic``'s ``partition``, or None when there is none."""
+    c = reading_consumer(settings)
+    try:
+        c.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for m in c.consume(num_messages=1, timeout=0.5):
+                if m.error() is None and m.offset() == offset:
+                    return m.value() or b""
+                return None  # end of the partition, or a later offset: nothing there
+        return None
+    finally:
+        c.close()
 
 
 def _delivery_rows(
