@@ -101,7 +101,8 @@ def test_chaos_help_and_a_bad_option_are_one_line() -> None:
 def test_a_missing_notification_is_traced_to_what_the_broker_holds(settings: Settings) -> None:
     """The check says, for each record behind a missing notification, whether the broker holds
     it at the position it acknowledged: lost before ingest, or by it."""
-    first, second = produce(settings, [b'{"first": 1}', b'{"second": 2}'])
+    # One key, one partition: the acks come in the order sent.
+    first, second = produce(settings, [b'{"first": 1}', b'{"second": 2}'], key=b"one")
     note = Note("u1", "k:1", "info")
     sent = [
         Sent("native", b'{"first": 1}', [], (note,), sent_at=10.0, position=first[1:]),
