@@ -7,7 +7,6 @@ Each check returns pass or fail with the figures behind it; a failure names a fe
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -15,12 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import TopicPartition
 
 from api.auth import mint
 from config.settings import Settings
-from consumers.offsets import lag
-from consumers.reading import consumer as reading_consumer
+from consumers.offsets import Kafka, lag
 from consumers.reading import read_topic
 from herald.chaos.faults import Fault
 from herald.chaos.load import EVENT_SOURCE, Load, UserPlan
@@ -277,41 +274,30 @@ def _trace_missing(settings: Settings, load: Load, missing: list[tuple[str, str]
     wanted = set(missing)
     topic = Topics(settings.topic_prefix).events
     started = load.sent[0].sent_at if load.sent else 0.0
-    for s in load.sent:
-        hit = [n for n in s.notes if (n.user, n.key) in wanted]
-        if not hit or s.position is None:
-            continue
-        held = _record_at(settings, topic, *s.position)
-        out.append(
-            {
-                "note": [hit[0].user, hit[0].key],
-                "kind": s.kind,
-                "via_receiver": s.via_receiver,
-                "duplicate": s.duplicate,
-                "sent_at_s": round(s.sent_at - started, 1),
-                "position": list(s.position),
-                "broker_holds": "nothing"
-                if held is None
-                else ("it" if held == s.value else "another record"),
-            }
-        )
-    return out[:10]
-
-
-def _record_at(settings: Settings, topic: str, partition: int, offset: int) -> bytes | None:
-    """The value at ``offset`` of ``topic``'s ``partition``, or None when there is none."""
-    c = reading_consumer(settings)
-    try:
-        c.assign([TopicPartition(topic, partition, offset)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            for m in c.consume(num_messages=1, timeout=0.5):
-                if m.error() is None and m.offset() == offset:
-                    return m.value() or b""
-                return None  # end of the partition, or a later offset: nothing there
-        return None
-    finally:
-        c.close()
+    with Kafka(settings) as k:
+        for s in load.sent:
+            hit = [n for n in s.notes if (n.user, n.key) in wanted]
+            if not hit or s.position is None:
+                continue
+            rec = k.read_at(topic, *s.position)  # the first record at or after it
+            if rec is None or rec.offset != s.position[1]:
+                holds = "nothing"
+            else:
+                holds = "it" if (rec.value or b"") == s.value else "another record"
+            out.append(
+                {
+                    "note": [hit[0].user, hit[0].key],
+                    "kind": s.kind,
+                    "via_receiver": s.via_receiver,
+                    "duplicate": s.duplicate,
+                    "sent_at_s": round(s.sent_at - started, 1),
+                    "position": list(s.position),
+                    "broker_holds": holds,
+                }
+            )
+            if len(out) == 10:
+                break
+    return out
 
 
 def _delivery_rows(
