@@ -12,7 +12,11 @@ and claiming while they run. For each batch, in this order:
    and counted; a row another consumer still holds (its lease is live) holds its
    partition back until the lease ends; the rest are claimed (``sending``, leased).
 3. **Send**: each claimed delivery to each of its user's enabled endpoints that has not
-   already taken it (or refused it for good), as soon as a send slot is free. A host whose
+   already taken it (or refused it for good), as soon as a send slot is free, **criticals
+   first**: claimed deliveries wait for a slot in two queues on the event loop, and a
+   critical one overtakes every digest and warning waiting, from its batch or an earlier
+   one. A tenth of the slots are kept for criticals, so the digests of a window boundary
+   (all of a tier's users at once) never make a critical wait for a send to end. A host whose
    circuit is open (``channels/breaker.py``) gets nothing: the delivery is **held**, its
    claim given back and its record parked on a retry topic until the host may be tried
    again, with no attempt spent.
@@ -51,6 +55,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -87,6 +92,9 @@ RACE_RETRY_S = 1.0
 PARK_MIN_S = 0.5
 # How long a wait for a finished send blocks before it looks at the clock again.
 COLLECT_WAIT_S = 0.2
+# Of the send slots, this share is only ever taken by criticals (``delivery.concurrency``
+# below 10 keeps none).
+URGENT_SHARE = 10
 
 
 class DeliveryFailed(HeraldError):
@@ -136,7 +144,7 @@ class Batch:
     skipped: list[tuple[Item, str]] = field(default_factory=list)
     unreadable: list[Item] = field(default_factory=list)
     handed_over: bool = False  # skipped and unreadable passed to the next unit
-    launched: int = 0  # how many of ``work`` have a send slot (or were given back)
+    launched: int = 0  # how many of ``work`` went to the event loop (or were given back)
 
 
 @dataclass
@@ -280,7 +288,12 @@ class DeliverHandler:
         self._tasks: set[asyncio.Task[None]] = set()  # the event loop's own
         self._finished: queue.SimpleQueue[Work] = queue.SimpleQueue()
         self._in_hand: dict[uuid.UUID, Work] = {}  # claimed, not yet recorded
-        self._sending = 0  # launched and not yet collected
+        self._sending = 0  # launched (queued for a slot or sending) and not yet collected
+        # The event loop's own: claimed deliveries waiting for a slot, and the slots taken.
+        self._urgent: deque[Work] = deque()
+        self._normal: deque[Work] = deque()
+        self._active = 0
+        self._urgent_slots = self._concurrency // URGENT_SHARE
         self._holds: dict[tuple[str, int], set[int]] = {}  # offsets not yet recorded
         self._unit = Unit()
         self._interrupted = threading.Event()
@@ -303,7 +316,9 @@ class DeliverHandler:
             batch.handed_over = True
         work = batch.work or []
         while batch.launched < len(work):
-            while self._sending >= self._concurrency and not self._interrupted.is_set():
+            # Up to `concurrency` more may wait for a slot: a critical in the next batch
+            # then overtakes them instead of waiting for this batch to be under way.
+            while self._sending >= 2 * self._concurrency and not self._interrupted.is_set():
                 self._settle(wait=True)
             self._launch(work[batch.launched])
             batch.launched += 1
@@ -324,10 +339,13 @@ class DeliverHandler:
         return bool(self._in_hand) or self._sending > 0
 
     def interrupt(self) -> None:
-        """A rebalance or a shutdown: let the sends in flight finish within the grace."""
+        """A rebalance or a shutdown: let the sends in flight finish within the grace; what
+        still waits for a slot is given back at once."""
         if not self._interrupted.is_set():
             self._abandon_at = time.monotonic() + self._grace_s
             self._interrupted.set()
+            if self._aio is not None:
+                self._aio.call_soon_threadsafe(self._dispatch)
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         self._forget(partitions)
@@ -449,13 +467,39 @@ class DeliverHandler:
     # -- 3: send -------------------------------------------------------------------------
 
     def _launch(self, w: Work) -> None:
-        """Give ``w`` a send slot on the event loop (or straight back, if there is nothing to send)."""
+        """Queue ``w`` for a send slot on the event loop (or hand it straight back, if there
+        is nothing to send)."""
         if not w.targets or self._interrupted.is_set():
             w.cancelled = bool(w.targets)  # a rebalance came first: give the claim back
             self._finished.put(w)
         else:
-            asyncio.run_coroutine_threadsafe(self._run(w), self._event_loop())
+            self._event_loop().call_soon_threadsafe(self._enqueue, w)
         self._sending += 1
+
+    def _enqueue(self, w: Work) -> None:
+        """On the event loop: a critical waits in the queue that goes first."""
+        (self._urgent if urgent(w.item) else self._normal).append(w)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """On the event loop: start what waits while slots are free, criticals first; the
+        last ``_urgent_slots`` slots take only criticals. After an interrupt, nothing starts:
+        what waits goes back (its claim is released, its offset stays uncommitted)."""
+        if self._interrupted.is_set():
+            while self._urgent or self._normal:
+                w = (self._urgent or self._normal).popleft()
+                w.cancelled = True
+                self._finished.put(w)
+            return
+        while self._active < self._concurrency:
+            if self._urgent:
+                w = self._urgent.popleft()
+            elif self._normal and self._active < self._concurrency - self._urgent_slots:
+                w = self._normal.popleft()
+            else:
+                return
+            self._active += 1
+            asyncio.get_running_loop().create_task(self._run(w))
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._aio is None:
@@ -514,8 +558,11 @@ class DeliverHandler:
         finally:
             self._tasks.discard(task)
             self._finished.put(w)
+            self._active -= 1
+            self._dispatch()
 
     def _cancel_all(self) -> None:
+        self._dispatch()  # interrupted: what waits for a slot goes back
         for task in list(self._tasks):
             task.cancel()
 
@@ -745,6 +792,12 @@ def status_class(code: int | None) -> str:
     if code is None or not 100 <= code <= 599:
         return "none"
     return f"{code // 100}xx"
+
+
+def urgent(item: Item) -> bool:
+    """A critical notification's delivery (not a digest): it overtakes the others for a slot."""
+    payload = item.payload or {}
+    return payload.get("severity") == "critical" and payload.get("type") != "digest"
 
 
 def trip_start(item: Item) -> tuple[str, int]:

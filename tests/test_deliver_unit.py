@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import queue
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME
 from pydantic import ValidationError
 
 from channels.base import Endpoint, SendResult
 from channels.webhook import absolute_url, retry_after_seconds
 from config.settings import Settings, duration_seconds
-from consumers.deliver import Item, Work, pick_tier, settle, stage
+from consumers.deliver import DeliverHandler, Item, Work, pick_tier, settle, stage, urgent
 from storage.deliveries import RowState
 
 
@@ -113,3 +117,95 @@ def test_durations_and_tier_settings(no_herald_env: None) -> None:
         Settings(app_url="app.example.com")
     assert Settings().delivery.retry_tiers == ("5s", "1m", "5m", "30m")
     assert Settings().delivery.max_attempts == 8
+
+
+class GatedProvider:
+    """Every send waits until the test lets one end; the order sends start in is recorded."""
+
+    channel = "webhook"
+
+    def __init__(self) -> None:
+        self.started: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.gate = threading.Semaphore(0)
+
+    def target(self, endpoint: Endpoint) -> str:
+        return "x"
+
+    async def send(self, endpoint: Endpoint, delivery: dict[str, Any]) -> SendResult:
+        self.started.put(str(delivery["title"]))
+        while not self.gate.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        return SendResult("ok")
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Record:
+    """What the deliverer reads of a record once it is parsed: headers and a timestamp."""
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def timestamp(self) -> tuple[int, int]:
+        return (TIMESTAMP_CREATE_TIME, 0)
+
+
+def queued(title: str, severity: str, kind: str = "notification") -> Work:
+    payload = {"title": title, "severity": severity, "type": kind, "user_id": "u"}
+    it = Item(Record(), "t", 0, 0, payload, uuid.uuid4(), 0, 0)  # type: ignore[arg-type]
+    return Work(it, 1, [Endpoint(1, "u", "http://x", "whsec_x")], {})
+
+
+def started(provider: GatedProvider, n: int) -> list[str]:
+    return [provider.started.get(timeout=5) for _ in range(n)]
+
+
+def test_criticals_overtake_for_a_send_slot(no_herald_env: None) -> None:
+    """Ten slots, one kept for criticals: nine warnings and digests start, a critical
+    launched after three more takes the tenth, and the next critical takes the first slot
+    that frees, ahead of the three that waited before it."""
+    provider = GatedProvider()
+    settings = Settings(delivery={"concurrency": 10})
+    handler = DeliverHandler(settings, None, None, provider)  # type: ignore[arg-type]
+    try:
+        for i in range(12):
+            handler._launch(queued(f"w{i}", "warning", "digest" if i % 2 else "notification"))
+        assert started(provider, 9) == [f"w{i}" for i in range(9)]
+        handler._launch(queued("c0", "critical"))
+        handler._launch(queued("c1", "critical"))
+        assert started(provider, 1) == ["c0"], "the slot kept for criticals"
+        assert provider.started.empty(), "every slot taken: c1 waits"
+        provider.gate.release()
+        assert started(provider, 1) == ["c1"], "the first slot to free goes to the waiting critical"
+        provider.gate.release(13)
+        assert sorted(started(provider, 3)) == ["w10", "w11", "w9"]
+        done = [handler._finished.get(timeout=5) for _ in range(14)]
+        assert all(not w.cancelled and w.results[1].outcome == "ok" for w in done)
+    finally:
+        handler.close()
+
+
+def test_interrupt_gives_back_what_waits_for_a_slot(no_herald_env: None) -> None:
+    provider = GatedProvider()
+    handler = DeliverHandler(Settings(delivery={"concurrency": 2}), None, None, provider)  # type: ignore[arg-type]
+    try:
+        for i in range(5):
+            handler._launch(queued(f"w{i}", "warning"))
+        assert started(provider, 2) == ["w0", "w1"]
+        handler.interrupt()
+        back = [handler._finished.get(timeout=5) for _ in range(3)]
+        assert sorted(w.item.payload["title"] for w in back) == ["w2", "w3", "w4"]  # type: ignore[index]
+        assert all(w.cancelled and not w.results for w in back), "never sent: claims go back"
+        provider.gate.release(2)
+        sent = [handler._finished.get(timeout=5) for _ in range(2)]
+        assert all(not w.cancelled for w in sent), "what was sending finishes within the grace"
+        assert provider.started.empty()
+    finally:
+        handler.close()
+
+
+def test_urgent() -> None:
+    assert urgent(queued("c", "critical").item)
+    assert not urgent(queued("c", "critical", "digest").item)
+    assert not urgent(queued("w", "warning").item)
