@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 KILL_TARGETS = (
     "ingest-1",
@@ -128,11 +128,10 @@ class Injector:
             say(f"fault {fault.name} over; recovered in {fault.recovered - fault.started:.1f}s")
 
 
-class Actions:
+class Actions(Protocol):
     """What a fault does; implemented by the run, which holds the processes and peers."""
 
-    def inject(self, fault: Fault) -> None:
-        raise NotImplementedError
+    def inject(self, fault: Fault) -> None: ...
 
 
 def run_replay(argv: list[str], env: dict[str, str], timeout: float = 60.0) -> str:

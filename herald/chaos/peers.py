@@ -31,6 +31,7 @@ never its command line.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import base64
@@ -224,7 +225,7 @@ def reset(transport: asyncio.Transport) -> None:
 # -- the child: the peers -----------------------------------------------------------------------
 
 
-class Peer:
+class Peer(abc.ABC):
     """One provider's port: its mode, its counters, its listening socket and open connections."""
 
     def __init__(self, name: str, port: int, record: Callable[[Acceptance], None]) -> None:
@@ -238,8 +239,9 @@ class Peer:
         self.protocols: weakref.WeakSet[Any] = weakref.WeakSet()  # SMTP: aiosmtpd's protocols
         self._record = record
 
+    @abc.abstractmethod
     async def listen(self) -> None:
-        raise NotImplementedError
+        """Open the port (again, after ``down``)."""
 
     def drop(self) -> None:
         """``down``: stop listening and reset every open connection."""
