@@ -33,6 +33,13 @@ the loop never sleeps for it. A handler may also have optional hooks: ``interrup
 never waits on a provider's timeout), ``on_assign``/``on_revoke`` (partitions gained or
 lost) and ``tick()`` (called once per loop turn, with or without records).
 
+A partition's offsets run on without a hole but for transaction markers, aborted
+transactions, compaction and retention. A fetch that jumps past offsets the loop has not
+seen is read once more from the first one missing (``OffsetGuard``): the embedded broker
+(Tansu 0.6) now and then makes a produce batch readable after a later one, and without the
+second read the loop would commit past records it never saw. The same jump twice is a hole
+in the log, and is taken.
+
 A handler may keep work in hand after ``apply`` returns (the deliverer's sends in flight).
 It then says, through ``holds()``, the lowest offset per partition not yet durable: the
 loop commits each partition only up to it, never past. ``pending()`` says work is in
@@ -73,6 +80,61 @@ log = logging.getLogger(__name__)
 # A poll gathers its batch in slices this long, so that it can go as soon as it should
 # (librdkafka's batch consume waits for its whole count or its whole timeout).
 POLL_SLICE_S = 0.005
+# At an assignment, how long the committed offsets (and a new group's log starts) may take.
+ASSIGN_LOOKUP_S = 5.0
+
+
+class OffsetGuard:
+    """Per partition, the offset after the last record the loop took, and any jump not yet
+    read twice. ``check`` keeps a polled batch's records up to a partition's first jump and
+    says where to seek to read the rest again."""
+
+    def __init__(self) -> None:
+        self._next: dict[tuple[str, int], int] = {}
+        self._jumps: dict[tuple[str, int], tuple[int, int]] = {}  # (first missing, found)
+
+    def check(self, messages: Sequence[Message]) -> tuple[list[Message], list[TopicPartition], list[str]]:
+        """The records to take, the seeks that read again from a jump, and what to log."""
+        kept: list[Message] = []
+        cut: dict[tuple[str, int], int] = {}
+        notes: list[str] = []
+        for m in messages:
+            key = _key(m)
+            if key in cut:
+                continue
+            offset = m.offset() or 0
+            want = self._next.get(key)
+            if want is not None and offset > want:
+                if self._jumps.get(key) != (want, offset):
+                    self._jumps[key] = (want, offset)  # first sight: read it again
+                    cut[key] = want
+                    continue
+                del self._jumps[key]  # the same jump again: a hole in the log
+            elif key in self._jumps:
+                first, found = self._jumps.pop(key)
+                if first <= offset < found:
+                    notes.append(
+                        f"a fetch of {key[0]}[{key[1]}] had jumped from offset {first} to {found}; "
+                        f"read again, offset {offset} is there"
+                    )
+            self._next[key] = offset + 1
+            kept.append(m)
+        seeks = [TopicPartition(t, p, o) for (t, p), o in sorted(cut.items())]
+        return kept, seeks, notes
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions lost: whoever owns them next starts from the committed offset."""
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+            self._jumps.pop((tp.topic, tp.partition), None)
+
+    def start(self, positions: Sequence[TopicPartition]) -> None:
+        """Partitions gained: each starts at its committed offset (or where the log starts);
+        an offset below 0 (not known) leaves the first record to set it."""
+        self.forget(positions)
+        for tp in positions:
+            if tp.offset >= 0:
+                self._next[(tp.topic, tp.partition)] = tp.offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +291,7 @@ class BatchLoop:
         # the offset last committed. The commit is the first, or a handler's hold below it.
         self._position: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
+        self._guard = OffsetGuard()
         self._waiting = False  # in _await, serving rebalance callbacks
         self._gathering = False  # in _poll, holding records of the batch it gathers
         self._in_callback = False
@@ -483,9 +546,31 @@ class BatchLoop:
                 where = {"topic": m.topic(), "partition": m.partition()}
                 log.warning("%s: consumer error: %s", self._name, err, extra={**self._ctx, **where})
         self._stop_if_fatal()
+        out = self._continuous(out)
         for topic, n in _per_topic(out).items():
             self._metrics.records_consumed.labels(self._name, topic).inc(n)
         return out
+
+    def _continuous(self, messages: list[Message]) -> list[Message]:
+        """The records up to each partition's first jump in offsets; from a jump on, the
+        partition is read again (see ``OffsetGuard``)."""
+        kept, seeks, notes = self._guard.check(messages)
+        for note in notes:
+            log.warning("%s: %s", self._name, note, extra=self._ctx)
+        for tp in seeks:
+            log.debug(
+                "%s: %s[%d] jumped past offset %d: reading it again",
+                self._name,
+                tp.topic,
+                tp.partition,
+                tp.offset,
+                extra={**self._ctx, "topic": tp.topic, "partition": tp.partition, "offset": tp.offset},
+            )
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as exc:
+                log.debug("%s: seek: %s", self._name, exc, extra=self._ctx)  # no longer ours
+        return kept
 
     def _on_client_error(self, err: KafkaError) -> None:
         """``error_cb``, called from inside consume(): remember a fatal one for ``_poll``."""
@@ -599,9 +684,54 @@ class BatchLoop:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self._name, _describe(partitions), extra=self._ctx)
+        self._guard.start(self._start_offsets(partitions))
         hook = getattr(self._handler, "on_assign", None)
         if hook is not None:
             hook(partitions)
+
+    def _start_offsets(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Where each assigned partition's first fetch must begin: its committed offset,
+        or, with none, the start of its log (``auto.offset.reset`` is earliest). Unknown
+        (-1) when the broker does not say: the guard then starts at the first record."""
+        try:
+            committed = self._consumer.committed(partitions, timeout=ASSIGN_LOOKUP_S)
+        except KafkaException as exc:
+            log.debug("%s: committed offsets: %s", self._name, exc, extra=self._ctx)
+            return [TopicPartition(tp.topic, tp.partition, -1) for tp in partitions]
+        known = [TopicPartition(t.topic, t.partition, t.offset if t.error is None else -1) for t in committed]
+        # No offset committed (not an error): the group starts where the log starts.
+        fresh = [TopicPartition(t.topic, t.partition) for t in committed if t.error is None and t.offset < 0]
+        starts = self._log_starts(fresh) if fresh else {}
+        for tp in known:
+            tp.offset = starts.get((tp.topic, tp.partition), tp.offset)
+        return known
+
+    def _log_starts(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """Per partition, the offset of its first record, or of the next one written when it
+        has none (a retry topic nothing has failed to yet); left out when the broker does not say."""
+        try:
+            # The first record at or after timestamp 0 (one request for all of them).
+            firsts = self._consumer.offsets_for_times(
+                [TopicPartition(tp.topic, tp.partition, 0) for tp in partitions], timeout=ASSIGN_LOOKUP_S
+            )
+        except KafkaException as exc:
+            log.debug("%s: log starts: %s", self._name, exc, extra=self._ctx)
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for tp in firsts:
+            if tp.error is not None:
+                continue
+            if tp.offset >= 0:
+                out[(tp.topic, tp.partition)] = tp.offset
+                continue
+            try:
+                marks = self._consumer.get_watermark_offsets(tp, timeout=ASSIGN_LOOKUP_S, cached=False)
+            except KafkaException as exc:
+                log.debug("%s: log end: %s", self._name, exc, extra=self._ctx)
+                continue
+            if marks:
+                out[(tp.topic, tp.partition)] = marks[1]
+        return out
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._in_callback = True
@@ -619,6 +749,7 @@ class BatchLoop:
         self._drain()
         self._wrap_up()
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._guard.forget(partitions)
         for key in gone:
             self._position.pop(key, None)
             self._committed.pop(key, None)

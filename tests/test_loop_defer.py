@@ -73,3 +73,31 @@ def test_a_deferred_partition_waits_and_the_other_flows(settings: Settings) -> N
     assert handler.held_batches <= 2, f"partition 0 was fetched {handler.held_batches} times while paused"
     assert handler.ticks > 3, "tick runs every turn, records or not"
     assert committed(settings, f"{topic}-g", [(topic, 0), (topic, 1)]) == {(topic, 0): 3, (topic, 1): 3}
+
+
+def test_an_assigned_partition_starts_where_the_group_left_it(settings: Settings) -> None:
+    """The offset guard's start, from the broker: the committed offset; with none, the log's
+    first record; on an empty partition, the offset the next record will take."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = f"{settings.topic_prefix}.guard-start"
+    ensure_topics(settings, [topic])
+    producer = Producer(settings.kafka_client_config())
+    for p, count in ((0, 5), (1, 2)):
+        for i in range(count):
+            producer.produce(topic, f"{p}-{i}".encode(), partition=p)
+    assert producer.flush(30) == 0
+    group = f"{settings.topic_prefix}-guard-start"
+    committer = Consumer({**settings.kafka_client_config(), "group.id": group})
+    committer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+    committer.close()
+
+    loop = BatchLoop(settings, name="guard", group=group, topics=[topic], handler=lambda _m: None)
+    try:
+        parts = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        starts = {tp.partition: tp.offset for tp in loop._start_offsets(parts)}
+    finally:
+        loop._close()
+    assert starts[0] == 3, "committed"
+    assert starts[1] == 0, "no commit: the log's first record"
+    assert all(starts[p] == 0 for p in range(2, settings.topic_partitions)), "empty: the next record's offset"
