@@ -101,3 +101,45 @@ def test_an_assigned_partition_starts_where_the_group_left_it(settings: Settings
     assert starts[0] == 3, "committed"
     assert starts[1] == 0, "no commit: the log's first record"
     assert all(starts[p] == 0 for p in range(2, settings.topic_partitions)), "empty: the next record's offset"
+
+
+def test_a_fetch_that_jumps_is_read_again(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """The embedded broker's skipped batch, made on purpose: after offsets 0-4 the consumer's
+    fetch position is moved to 8 (as a fetch that returned a later batch would), then 0-14 are
+    there. The loop reads 5 on again and takes every record once, and commits 15."""
+    import threading
+
+    from confluent_kafka import TopicPartition
+
+    topic = f"{settings.topic_prefix}.guard-jump"
+    ensure_topics(settings, [topic])
+    producer = Producer(settings.kafka_client_config())
+
+    def produce(first: int, last: int) -> None:
+        for i in range(first, last + 1):
+            producer.produce(topic, str(i).encode(), partition=0)
+        assert producer.flush(30) == 0
+
+    produce(0, 4)
+    seen: list[int] = []
+    jumped = threading.Event()
+    loop: BatchLoop
+
+    def handler(messages: Sequence[Message]) -> None:
+        seen.extend(m.offset() or 0 for m in messages)
+        if 4 in seen and not jumped.is_set():
+            loop._consumer.seek(TopicPartition(topic, 0, 8))
+            jumped.set()
+
+    group = f"{topic}-g"
+    loop = BatchLoop(settings, name="guard-jump", group=group, topics=[topic], handler=handler)
+    runner = threading.Thread(target=loop.run, kwargs={"max_messages": 15, "timeout": 30})
+    with caplog.at_level("WARNING", logger="consumers.loop"):
+        runner.start()
+        assert jumped.wait(20), "the first five never came"
+        produce(5, 14)
+        runner.join(40)
+    assert not runner.is_alive()
+    assert seen == list(range(15)), "offsets 5-7 read again, and nothing twice"
+    assert any("jumped from offset 5 to 8" in r.getMessage() for r in caplog.records)
+    assert committed(settings, group, [(topic, 0)]) == {(topic, 0): 15}
