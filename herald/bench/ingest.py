@@ -292,7 +292,7 @@ def _run(
         "limit_events_per_s": round(limit.events_per_s, 1),
         "limit_ratio": round(limit_ratio, 4),
         "baseline_events_per_s": round(base_rate, 1),
-        "ratio": round(ratio, 2),
+        "ratio": round(ratio, 4),
         **extra,
         "cpu_us_per_event": cpu,
         "machine": machine,
