@@ -258,6 +258,11 @@ class DigestSettings(BaseModel):
 
     # A window closes this long after its end (processing time), so late items still join it.
     grace_s: float = Field(default=30.0, ge=0)
+    # Spreads the closes of windows that end together over this many seconds after the
+    # grace: each user's windows close at their own fixed share of it (a hash of the user
+    # id), so the digests of every user do not all leave in the same second. Membership is
+    # unchanged (windows stay aligned in event time); 0 closes every window at end + grace.
+    spread_s: float = Field(default=0.0, ge=0)
     # A window closes early at this many items; later items open its follow-up window.
     max_items: int = Field(default=100, ge=1)
     # Titles listed in a digest ("and M more" after them).

@@ -16,7 +16,8 @@ Per batch (``apply``), in ONE PostgreSQL transaction, in this order:
 
 Closing (``tick``, every ``HERALD_DIGEST__TICK_S``, records or not), page by page:
 
-1. in one transaction: lock due windows (``closes_at`` passed: end + grace, or full) with
+1. in one transaction: lock due windows (``closes_at`` passed: end + grace + the user's share
+   of ``HERALD_DIGEST__SPREAD_S``, or full) with
    ``SKIP LOCKED``, so several digest processes split them; leave out items the user read
    (one aggregate statement: one snapshot of ``read_at``); record each window ``sent`` (its
    digest delivery row, ``queued``, and the record) or ``suppressed`` (every item read),
@@ -47,7 +48,7 @@ from confluent_kafka import Message
 
 from config.settings import Settings
 from core import metrics
-from core.digest import DigestItem, digest_id, digest_record
+from core.digest import DigestItem, close_delay, digest_id, digest_record
 from core.errors import DatabaseUnavailable, HeraldError
 from core.policy import DEFAULT_WINDOW_SECONDS, align_window
 from producers.publisher import OutRecord, Publisher
@@ -208,6 +209,9 @@ class DigestHandler:
 
     # -- the batch loop's interface ------------------------------------------------------
 
+    def _close_delay(self, user_id: str) -> float:
+        return close_delay(user_id, self._cfg.grace_s, self._cfg.spread_s)
+
     def prepare(self, messages: Sequence[Message]) -> Batch:
         batch = Batch([])
         seen: set[uuid.UUID] = set()
@@ -253,7 +257,7 @@ class DigestHandler:
             keys = sorted({i.key for i in new})
             newest = store.latest(cur, keys)
             adds, rows = assign(new, newest, self._cfg.max_items)
-            changed = store.add_to_windows(cur, adds, self._cfg.grace_s)
+            changed = store.add_to_windows(cur, adds, self._close_delay)
             if len(changed) < len(adds):
                 raise WindowContention("a window was closed while this batch added to it")
             inserted = store.insert_items(cur, rows)

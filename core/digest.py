@@ -8,6 +8,7 @@ from that whole key, so each window and follow-up gives one digest, ever.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ class DigestItem:
     notification_id: uuid.UUID | None
     title: str
     target_url: str | None
+
+
+def close_delay(user_id: str, grace_s: float, spread_s: float) -> float:
+    """Seconds after its end that a window of ``user_id`` closes: the grace, plus the user's
+    fixed share of ``spread_s`` (the same in every process and every run: a hash, not
+    Python's salted ``hash``)."""
+    if spread_s <= 0:
+        return grace_s
+    share = int.from_bytes(hashlib.blake2b(user_id.encode(), digest_size=4).digest(), "big") / 2**32
+    return grace_s + share * spread_s
 
 
 def title(count: int, batch_key: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,16 +39,17 @@ FOR UPDATE OF w
 
 _KNOWN_ITEMS_SQL = "SELECT delivery_id FROM digest_items WHERE delivery_id = ANY(%b)"
 
-# closes_at: the window's end plus grace, or now when it reached max items or when its
-# end is already past (a replay, a follow-up): then the next tick closes it.
+# closes_at: the window's end plus its delay (grace, plus the user's share of the spread),
+# or now when it reached max items or when that is already past (a replay, a follow-up):
+# then the next tick closes it.
 _ADD_TO_WINDOWS_SQL = """
 INSERT INTO digest_windows (id, user_id, channel, batch_key, window_start, window_seconds,
     sequence, item_count, closes_at)
 SELECT t.id, t.u, t.c, t.b, t.s, t.secs, t.seq, t.n,
        CASE WHEN t.is_full THEN now()
-            ELSE greatest(now(), t.s + make_interval(secs => t.secs + %b::float8)) END
+            ELSE greatest(now(), t.s + make_interval(secs => t.secs + t.delay)) END
 FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::int[], %b::int[],
-    %b::int[], %b::bool[]) AS t(id, u, c, b, s, secs, seq, n, is_full)
+    %b::int[], %b::bool[], %b::float8[]) AS t(id, u, c, b, s, secs, seq, n, is_full, delay)
 ORDER BY t.id
 ON CONFLICT (id) DO UPDATE SET
     item_count = digest_windows.item_count + excluded.item_count,
@@ -244,14 +245,15 @@ def known_items(cur: Cursor, delivery_ids: Sequence[uuid.UUID]) -> set[uuid.UUID
     return {r[0] for r in cur.fetchall()}
 
 
-def add_to_windows(cur: Cursor, adds: Sequence[WindowAdd], grace_s: float) -> set[uuid.UUID]:
-    """Create or grow windows; returns the ids changed (a window closed meanwhile is not)."""
+def add_to_windows(cur: Cursor, adds: Sequence[WindowAdd], delay_s: Callable[[str], float]) -> set[uuid.UUID]:
+    """Create or grow windows; returns the ids changed (a window closed meanwhile is not).
+
+    ``delay_s(user_id)``: how long after its end a window of that user closes."""
     if not adds:
         return set()
     cur.execute(
         _ADD_TO_WINDOWS_SQL,
         (
-            grace_s,
             [a.id for a in adds],
             [a.key[0] for a in adds],
             [a.key[1] for a in adds],
@@ -261,6 +263,7 @@ def add_to_windows(cur: Cursor, adds: Sequence[WindowAdd], grace_s: float) -> se
             [a.sequence for a in adds],
             [a.count for a in adds],
             [a.full for a in adds],
+            [delay_s(a.key[0]) for a in adds],
         ),
     )
     return {r[0] for r in cur.fetchall()}

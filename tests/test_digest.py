@@ -21,6 +21,7 @@ import pytest
 
 from config.settings import Settings
 from consumers.digest import Batch, DigestHandler, Pending
+from core.digest import close_delay
 from core.errors import BrokerUnavailable
 from core.policy import align_window
 from herald.inspect import read_topic, wait_committed, wait_group_stable
@@ -243,6 +244,31 @@ def test_a_quiet_user_still_gets_the_digest_after_window_plus_grace(
     # Not before end + grace; soon after (the tick, unless the loop's lag report held it).
     assert w["status"] == "sent" and due <= w["closed_at"] < due + timedelta(seconds=5)
     wait_until(lambda: len(digests_on_topic(p.settings)) == 1, timeout=10, what="the digest")
+
+
+def test_the_spread_closes_each_users_window_at_its_own_share(
+    db: Conn, pipeline_for: Callable[..., Pipeline]
+) -> None:
+    grace, spread = 0.5, 4.0
+    p = pipeline_for(grace_s=grace, spread_s=spread)
+    users = [f"spread-{i}" for i in range(8)]
+    start = current_window()
+    produce(p.settings, [e for u in users for e in warnings(u, 1, start)])
+    wait_until(all_closed(db, len(users)), timeout=30, what="every user's window closed")
+    ws = {w["user_id"]: w for w in windows(db)}
+    for u in users:
+        due = ws[u]["window_end"] + timedelta(seconds=close_delay(u, grace, spread))
+        assert abs(ws[u]["closes_at"] - due) < timedelta(milliseconds=1), u
+        assert ws[u]["status"] == "sent" and ws[u]["closed_at"] >= due, f"{u} closed before its share"
+    dues = sorted(close_delay(u, grace, spread) for u in users)
+    assert dues[-1] - dues[0] > 1.0, "these users' shares are apart"
+    # The windows left in the order of their shares, not all in one tick.
+    by_close = sorted(users, key=lambda u: ws[u]["closed_at"])
+    by_share = sorted(users, key=lambda u: close_delay(u, grace, spread))
+    assert [close_delay(u, grace, spread) for u in by_close] == pytest.approx(
+        [close_delay(u, grace, spread) for u in by_share], abs=0.3
+    )
+    wait_until(lambda: len(digests_on_topic(p.settings)) == len(users), timeout=10, what="one digest each")
 
 
 def test_read_items_are_left_out_and_an_all_read_window_sends_nothing(

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from channels.webhook import webhook_body
 from config.settings import PolicySettings
 from consumers.digest import Pending, assign
-from core.digest import DigestItem, digest_id, digest_record
+from core.digest import DigestItem, close_delay, digest_id, digest_record
 from core.envelope import Notification
 from core.policy import DIGEST, Preferences, align_window, decision_record, plan
 from storage.digests import Latest
@@ -44,6 +44,21 @@ def test_windows_are_aligned_to_multiples_of_their_length_since_the_epoch() -> N
     assert align_window(at, 10) == datetime(2026, 1, 1, 12, 7, 30, tzinfo=UTC)
     other_zone = at.astimezone(datetime.now().astimezone().tzinfo)
     assert align_window(other_zone, 300) == align_window(at, 300)
+
+
+def test_the_spread_gives_each_user_a_fixed_share_after_the_grace() -> None:
+    assert close_delay("ann", 30.0, 0.0) == 30.0, "no spread: every window closes at end + grace"
+    users = [f"user-{i}" for i in range(2000)]
+    delays = [close_delay(u, 30.0, 60.0) for u in users]
+    assert all(30.0 <= d < 90.0 for d in delays)
+    assert delays == [close_delay(u, 30.0, 60.0) for u in users], "the same share every time"
+    # Spread evenly: every tenth of the spread gets about a tenth of the users.
+    tenths = [0] * 10
+    for d in delays:
+        tenths[int((d - 30.0) / 6.0)] += 1
+    assert all(140 <= n <= 260 for n in tenths), tenths
+    # A share, not a per-window draw: a user's channels and batch keys close together.
+    assert close_delay("ann", 2.0, 5.0) - 2.0 == (close_delay("ann", 30.0, 60.0) - 30.0) / 12
 
 
 def test_the_digest_id_is_deterministic_and_names_the_whole_key() -> None:
