@@ -205,12 +205,12 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         # (64 MiB, 100,000 records) let ingest catching up on a backlog of large records reach
         # 260 MB RSS in herald chaos; a batch is `batch_size` records, so this keeps several
         # batches ahead. HERALD_KAFKA__QUEUED_MAX_MESSAGES_KBYTES overrides it. Both limits
-        # count records as fetched (compressed), and the count applies per partition: a
-        # backlog where 1.5% of records are 300 KB that compress to 1 KB still took ingest to
-        # 214 MB at 2,000/s. Half a batch per partition held it at 170 MB, but cut `herald
-        # bench ingest` catching up on 200,000 records from 25,000 to 18,500/s (the embedded
-        # broker's fetches are slow to refill), so the deeper prefetch stays the default;
-        # HERALD_KAFKA__QUEUED_MIN_MESSAGES lowers it where such records are expected.
+        # count records as fetched (compressed), and the count applies per partition, so a
+        # backlog of large records that compress well (the chaos poison ones) fills more
+        # than 16 MiB: ingest peaks at 205-234 MB catching up at 2,000/s. Half a batch per
+        # partition did not bound that reliably (170 MB in one run, 210 MB with a fast
+        # refill) and, with librdkafka's 1 s fetch.queue.backoff.ms, cut `herald bench
+        # ingest` from 25,000 to 18,500 events/s, so the deeper prefetch stays.
         "queued.max.messages.kbytes": 16_384,
         "queued.min.messages": max(1000, 4 * settings.batch_size),
     }
