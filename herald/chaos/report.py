@@ -92,6 +92,22 @@ def build(
     }
 
 
+def fault_line(f: dict[str, Any]) -> str:
+    what = f"{f['kind']:<9} {f['target']:<16} {f['detail']:<8} "
+    if f["started_s"] is None:  # the run was interrupted before its time
+        return f"    {'':>6}   {what}not run (the run stopped first)"
+    drain = f"drained {f['drain_s']}s after" if f["drain_s"] is not None else "never drained"
+    return f"    {f['started_s']:>6}s  {what}held {f['hold_s']}s, peak lag {f['peak_lag']:,}, {drain}" + (
+        f"  ERROR {f['error']}" if f["error"] else ""
+    )
+
+
+def verdict(doc: dict[str, Any]) -> str:
+    if doc["invariants_failed"]:
+        return "FAIL: " + ", ".join(doc["failed"])
+    return "INTERRUPTED (checked what had run; not drained)" if doc.get("interrupted") else "PASS"
+
+
 def emit(doc: dict[str, Any], path: str) -> None:
     lines = [
         "",
@@ -99,13 +115,7 @@ def emit(doc: dict[str, Any], path: str) -> None:
         f"({doc['achieved_rate']:,.0f}/s), {doc['events']:,} accepted",
         "  faults        " + ", ".join(f"{k} {v}" for k, v in doc["faults"].items()),
     ]
-    for f in doc["fault_list"]:
-        drain = f"drained {f['drain_s']}s after" if f["drain_s"] is not None else "never drained"
-        lines.append(
-            f"    {f['started_s']:>6}s  {f['kind']:<9} {f['target']:<16} {f['detail']:<8} "
-            f"held {f['hold_s']}s, peak lag {f['peak_lag']:,}, {drain}"
-            + (f"  ERROR {f['error']}" if f["error"] else "")
-        )
+    lines += [fault_line(f) for f in doc["fault_list"]]
     lines.append("  invariants")
     for inv in doc["invariants"]:
         figures = {k: v for k, v in inv.items() if k not in ("name", "ok")}
@@ -133,8 +143,7 @@ def emit(doc: dict[str, Any], path: str) -> None:
         + ", ".join(f"{k} {v:.0f} MB" for k, v in doc["peak_rss_mb"].items())
         + f"  ({'all' if doc['rss_under_target'] else 'NOT all'} under {RSS_TARGET_MB:.0f} MB)",
         f"  logs          {doc['folder']}",
-        f"  result        {'PASS' if doc['invariants_failed'] == 0 else 'FAIL: ' + ', '.join(doc['failed'])}"
-        f"; the report is in {path}",
+        f"  result        {verdict(doc)}; the report is in {path}",
     ]
     print("\n".join(lines), flush=True)
     Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")

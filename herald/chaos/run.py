@@ -429,7 +429,10 @@ def run_chaos(
         say(f"{len(load.sent):,} records sent in {load_end - started:.0f}s; draining ...")
         stopped_at = time.time()
         drained = drain(dev, watcher, stopper, drain_timeout_s)
-        say(f"drained in {time.time() - stopped_at:.1f}s" if drained else "did NOT drain")
+        if drained:
+            say(f"drained in {time.time() - stopped_at:.1f}s")
+        else:
+            say("interrupted: not drained" if stopper.event.is_set() else "did NOT drain")
         watcher.stop()
         for name, pid, port in procs.running():
             watcher.read_instance(name, pid, port)
