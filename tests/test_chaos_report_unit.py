@@ -77,7 +77,9 @@ def test_a_fault_the_run_never_reached_is_reported_as_not_run(
     assert any("49.0s  postgres" in line and "drained 30.88s after" in line for line in out)
     assert any("kill" in line and "not run (the run stopped first)" in line for line in out)
     # An interrupted run is not a pass, even with no invariant failed (its exit status is 1).
-    assert any(line.startswith("  result        INTERRUPTED") for line in out)
+    assert any(line.startswith("  result        INTERRUPTED before the end, not drained;") for line in out)
+    emit(report(interrupted=True, invariants_failed=1, failed=["lag_zero"]), str(tmp_path / "s.json"))
+    assert "INTERRUPTED before the end, not drained; lag_zero not (yet) holding" in capsys.readouterr().out
     assert json.loads(out[-1]) == json.loads((tmp_path / "r.json").read_text())
 
 
