@@ -201,17 +201,18 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         # default is 500 ms). Kafka answers as soon as records arrive; a broker that does not
         # (the embedded one) would add up to this much to a record's delay at low rates.
         "fetch.wait.max.ms": 100,
-        # Prefetch at most 16 MiB and a few batches' worth of records. librdkafka's defaults
-        # (64 MiB, 100,000 records) let ingest catching up on a backlog of large records reach
-        # 260 MB RSS in herald chaos; a batch is `batch_size` records, so this keeps several
-        # batches ahead. HERALD_KAFKA__QUEUED_MAX_MESSAGES_KBYTES overrides it. Both limits
-        # count records as fetched (compressed), and the count applies per partition, so a
-        # backlog of large records that compress well (the chaos poison ones) fills more
-        # than 16 MiB: ingest peaks at 205-234 MB catching up at 2,000/s. Half a batch per
-        # partition did not bound that reliably (170 MB in one run, 210 MB with a fast
-        # refill) and, with librdkafka's 1 s fetch.queue.backoff.ms, cut `herald bench
-        # ingest` from 25,000 to 18,500 events/s, so the deeper prefetch stays.
+        # Prefetch: librdkafka fetches while the consumer's one queue holds under 16 MiB of
+        # values and under `queued.min.messages` records (both count the whole queue, not a
+        # partition), so several batches wait ahead. Its defaults (64 MiB, 100,000 records)
+        # let ingest reach 260 MB RSS catching up in `herald chaos`. The queue overshoots by
+        # one fetch round, which librdkafka bounds in fetched (compressed) bytes: up to
+        # `max.partition.fetch.bytes` per partition. At its default of 1 MiB, six partitions
+        # of records that compress 15-fold (the chaos load) put 91 MB in the queue at once
+        # (statistics of a restarted ingest at 2,000/s), and ingest peaked at 201-233 MB;
+        # at 256 KiB the queue stays under 31 MB and ingest under 165 MB, and
+        # `herald bench ingest` runs as fast. HERALD_KAFKA__* overrides each of them.
         "queued.max.messages.kbytes": 16_384,
+        "max.partition.fetch.bytes": 256 * 1024,
         "queued.min.messages": max(1000, 4 * settings.batch_size),
     }
     conf.update(settings.kafka_client_config())

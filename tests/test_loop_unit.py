@@ -47,6 +47,10 @@ def test_consumers_prefetch_a_bounded_amount_unless_told_otherwise() -> None:
     assert conf["queued.min.messages"] == 2000
     custom = Settings(kafka={"queued.max.messages.kbytes": "4096"})  # HERALD_KAFKA__QUEUED_MAX_...
     assert str(consumer_config(custom, "g")["queued.max.messages.kbytes"]) == "4096"
+    # One fetch round lands whole: 256 KiB per partition as fetched (test_loop_prefetch).
+    assert conf["max.partition.fetch.bytes"] == 256 * 1024
+    custom = Settings(kafka={"max.partition.fetch.bytes": "1048576"})
+    assert str(consumer_config(custom, "g")["max.partition.fetch.bytes"]) == "1048576"
 
 
 def offsets(messages: list[FakeMessage]) -> list[tuple[int, int]]:
