@@ -205,14 +205,16 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         # values and under `queued.min.messages` records (both count the whole queue, not a
         # partition), so several batches wait ahead. Its defaults (64 MiB, 100,000 records)
         # let ingest reach 260 MB RSS catching up in `herald chaos`. The queue overshoots by
-        # one fetch round, which librdkafka bounds in fetched (compressed) bytes: up to
-        # `max.partition.fetch.bytes` per partition. At its default of 1 MiB, six partitions
-        # of records that compress 15-fold (the chaos load) put 91 MB in the queue at once
-        # (statistics of a restarted ingest at 2,000/s), and ingest peaked at 201-233 MB;
-        # at 256 KiB the queue stays under 31 MB and ingest under 165 MB, and
-        # `herald bench ingest` runs as fast. HERALD_KAFKA__* overrides each of them.
+        # the fetch that fills it, which is bounded only as fetched (compressed) bytes: per
+        # partition, and per response. librdkafka sizes a response to the queue limit, and
+        # the embedded broker (Tansu 0.6) may fill it from one partition: records that
+        # compress 25-fold (the chaos load) put 35,805 records, 133 MB, in the queue at once,
+        # and ingest peaked at 201-258 MB at 2,000/s. 256 KiB per partition and 1 MiB per
+        # response (at least `message.max.bytes`, which librdkafka requires) keep a fetch
+        # to tens of MB; `herald bench ingest` runs as fast. HERALD_KAFKA__* overrides each.
         "queued.max.messages.kbytes": 16_384,
         "max.partition.fetch.bytes": 256 * 1024,
+        "fetch.max.bytes": max(1 << 20, int(settings.kafka.get("message.max.bytes", 1_000_000))),
         "queued.min.messages": max(1000, 4 * settings.batch_size),
     }
     conf.update(settings.kafka_client_config())

@@ -47,8 +47,13 @@ def test_consumers_prefetch_a_bounded_amount_unless_told_otherwise() -> None:
     assert conf["queued.min.messages"] == 2000
     custom = Settings(kafka={"queued.max.messages.kbytes": "4096"})  # HERALD_KAFKA__QUEUED_MAX_...
     assert str(consumer_config(custom, "g")["queued.max.messages.kbytes"]) == "4096"
-    # One fetch round lands whole: 256 KiB per partition as fetched (test_loop_prefetch).
+    # The fetch that fills the queue lands whole: 256 KiB per partition, 1 MiB per response,
+    # as fetched (test_loop_prefetch). librdkafka refuses a response bound under the largest
+    # record the client allows, so a raised message.max.bytes raises it too.
     assert conf["max.partition.fetch.bytes"] == 256 * 1024
+    assert conf["fetch.max.bytes"] == 1 << 20
+    big = Settings(kafka={"message.max.bytes": "4000000"})
+    assert consumer_config(big, "g")["fetch.max.bytes"] == 4_000_000
     custom = Settings(kafka={"max.partition.fetch.bytes": "1048576"})
     assert str(consumer_config(custom, "g")["max.partition.fetch.bytes"]) == "1048576"
 
