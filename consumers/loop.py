@@ -214,12 +214,20 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         # to tens of MB; `herald bench ingest` runs as fast. HERALD_KAFKA__* overrides each.
         "queued.max.messages.kbytes": 16_384,
         "max.partition.fetch.bytes": 256 * 1024,
-        "fetch.max.bytes": max(1 << 20, int(settings.kafka.get("message.max.bytes", 1_000_000))),
+        "fetch.max.bytes": _fetch_max_bytes(settings),
         "queued.min.messages": max(1000, 4 * settings.batch_size),
     }
     conf.update(settings.kafka_client_config())
     conf.update(extra)
     return conf
+
+
+def _fetch_max_bytes(settings: Settings) -> int:
+    """1 MiB, or the largest record the client allows if that is more (librdkafka's rule)."""
+    try:
+        return max(1 << 20, int(settings.kafka.get("message.max.bytes", 1_000_000)))
+    except ValueError:
+        return 1 << 20  # not a number: librdkafka refuses it with its own message
 
 
 class Stopper:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import KafkaError, KafkaException
 from pydantic import ValidationError
 
 from config.settings import CHANNELS, Settings, load_settings
@@ -784,6 +785,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HeraldError as exc:
         print(f"herald: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except KafkaException as exc:
+        # librdkafka refuses a property passed through as HERALD_KAFKA__* when a client is made.
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+            print(f"herald: invalid settings: {err.str()} (set through HERALD_KAFKA__*)", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         return 130
 

@@ -176,6 +176,15 @@ def test_unreachable_database_exits_1_with_a_message(backend: Backend) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_a_librdkafka_property_it_refuses_exits_2_with_one_line() -> None:
+    env = {"HERALD_KAFKA__MESSAGE_MAX_BYTES": "lots", "HERALD_METRICS_PORT": "-1"}
+    out = herald_cli("ingest", env=env, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("herald:")]
+    assert line.startswith("herald: invalid settings: ") and '"message.max.bytes"' in line, line
+
+
 def test_a_webhook_endpoint_gets_a_secret_printed_once(backend: Backend) -> None:
     u = user()
     out = herald(backend, "endpoints", "add", u, "webhook", "https://hooks.example.com/herald")

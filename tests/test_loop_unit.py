@@ -54,6 +54,8 @@ def test_consumers_prefetch_a_bounded_amount_unless_told_otherwise() -> None:
     assert conf["fetch.max.bytes"] == 1 << 20
     big = Settings(kafka={"message.max.bytes": "4000000"})
     assert consumer_config(big, "g")["fetch.max.bytes"] == 4_000_000
+    bad = Settings(kafka={"message.max.bytes": "lots"})  # librdkafka names it, not a traceback here
+    assert consumer_config(bad, "g")["fetch.max.bytes"] == 1 << 20
     custom = Settings(kafka={"max.partition.fetch.bytes": "1048576"})
     assert str(consumer_config(custom, "g")["max.partition.fetch.bytes"]) == "1048576"
 
