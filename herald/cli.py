@@ -258,6 +258,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bench_command == "broker":
+        from herald.bench.broker import run_broker_bench
+
+        return run_broker_bench(
+            settings,
+            rate=args.rate,
+            seconds=args.seconds,
+            groups=args.groups,
+            linger_ms=args.linger_ms,
+            interval_s=args.interval,
+        )
     if args.bench_command == "api":
         from herald.bench.api import run_api_bench
 
@@ -675,6 +686,21 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument(
         "--grace-s", type=float, metavar="S", help="grace after a window's end (default 2; lag excludes it)"
     )
+    bb = bsub.add_parser(
+        "broker",
+        help="the broker's own CPU as its log grows, at a steady rate read by several groups",
+        description="Produces --rate records/s for --seconds into a fresh topic that --groups "
+        "consumer groups read, and prints the broker process's CPU every --interval seconds. "
+        "Uses HERALD_KAFKA_BOOTSTRAP when set, else an embedded broker. The last line is one "
+        "JSON object.",
+    )
+    bb.add_argument("--rate", type=float, default=2000.0, help="records per second (default 2000)")
+    bb.add_argument("--seconds", type=float, default=60.0, help="how long to produce (default 60)")
+    bb.add_argument("--groups", type=int, default=6, help="consumer groups reading the topic (default 6)")
+    bb.add_argument(
+        "--linger-ms", type=int, default=5, metavar="MS", help="the producer's linger.ms (default 5)"
+    )
+    bb.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds per line (default 10)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser(

@@ -336,7 +336,7 @@ class CpuMeter:
     def __init__(self, settings: Settings, conn: Conn) -> None:
         self._herald = [psutil.Process()]
         self._postgres = _postgres_server(conn)
-        self._broker = _listening(settings.kafka_bootstrap)
+        self._broker = listening(settings.kafka_bootstrap)
         self._start: dict[str, float | None] = {}
         self._end: dict[str, float | None] = {}
 
@@ -345,7 +345,7 @@ class CpuMeter:
         for p in self._herald:
             t = p.cpu_times()
             herald += t.user + t.system
-        return {"herald": herald, "postgres": _tree_cpu(self._postgres), "broker": _tree_cpu(self._broker)}
+        return {"herald": herald, "postgres": tree_cpu(self._postgres), "broker": tree_cpu(self._broker)}
 
     def start(self, herald: Sequence[int] = ()) -> None:
         """From now; ``herald``: the pids of herald processes to count instead of this one."""
@@ -376,7 +376,7 @@ def _postgres_server(conn: Conn) -> psutil.Process | None:
     return server if server is not None and "postgres" in server.name() else None
 
 
-def _listening(bootstrap: str) -> psutil.Process | None:
+def listening(bootstrap: str) -> psutil.Process | None:
     """The local process listening on the first bootstrap address's port, if any."""
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     if host not in ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", ""):  # noqa: S104 (a comparison)
@@ -390,7 +390,7 @@ def _listening(bootstrap: str) -> psutil.Process | None:
     return None
 
 
-def _tree_cpu(root: psutil.Process | None) -> float | None:
+def tree_cpu(root: psutil.Process | None) -> float | None:
     """User + system seconds of ``root``, its live descendants and the children it reaped."""
     if root is None:
         return None
