@@ -515,11 +515,11 @@ def _latency(
     run_window: tuple[float, float],
 ) -> dict[str, Any]:
     """Criticals sent at once (not rate-limited into a digest) of native and CloudEvents
-    records, whose time is the moment the load made them (the record is produced within
-    milliseconds): from there to the peer's acceptance. Outside outage windows: a critical
-    whose life overlaps a fault, from its start until the lag drained after it, is left out
-    (and counted). So is one made in the first WARMUP_S seconds of load (counted, and its
-    maximum reported).
+    records, whose time is the moment the load made them (its producer sends it within
+    LOAD_LINGER_MS, 50 ms, and that counts): from there to the peer's acceptance. Outside
+    outage windows: a critical whose life overlaps a fault, from its start until the lag
+    drained after it, is left out (and counted). So is one made in the first WARMUP_S seconds
+    of load (counted, and its maximum reported).
 
     Where the time goes, split at three points: the notification's insert (the start of
     ingest's transaction), its delivery row marked published (the start of ingest's mark
