@@ -45,10 +45,13 @@ _STATE_SQL = """
 SELECT id, status, attempts, lease_until, now(), budget_base FROM deliveries WHERE id = ANY(%b)
 """
 
+# A claim comes from a record read off the topic, so the row is published: it says so, as
+# the publisher's mark skips a row a claim holds (storage/notifications.py).
 _CLAIM_SQL = """
 UPDATE deliveries d
 SET status = 'sending', attempts = c.a + 1, lease_until = now() + make_interval(secs => %b),
-    first_attempt_at = COALESCE(d.first_attempt_at, now()), last_attempt_at = now(), updated_at = now()
+    first_attempt_at = COALESCE(d.first_attempt_at, now()), last_attempt_at = now(), updated_at = now(),
+    published_at = COALESCE(d.published_at, now())
 FROM (SELECT * FROM unnest(%b::uuid[], %b::int[]) AS t(id, a) ORDER BY 1) AS c
 WHERE d.id = c.id
   AND ((d.status IN ('queued', 'retrying') AND d.attempts = c.a)

@@ -118,7 +118,8 @@ ON CONFLICT (id) DO NOTHING
 """
 
 # The items' delivery rows take their window's outcome. Only rows still queued: a row another
-# path already settled keeps its status. Locked in id order, as ingest's mark step does.
+# path already settled keeps its status. Locked in id order, as ingest's mark step does. The
+# digest read their records, so they are published (ingest's mark skips a row locked here).
 _SETTLE_SQL = """
 WITH x AS (
     SELECT d.id, CASE WHEN w.status = 'suppressed' OR d.id = ANY(w.left_out)
@@ -128,9 +129,10 @@ WITH x AS (
     JOIN deliveries d ON d.id = i.delivery_id
     WHERE w.id = ANY(%b) AND d.status = 'queued'
     ORDER BY d.id
-    FOR UPDATE OF d
+    FOR NO KEY UPDATE OF d
 )
-UPDATE deliveries d SET status = x.status, updated_at = now() FROM x WHERE d.id = x.id
+UPDATE deliveries d SET status = x.status, updated_at = now(), published_at = COALESCE(d.published_at, now())
+FROM x WHERE d.id = x.id
 """
 
 _SETTLED_SQL = "UPDATE digest_windows SET settled_at = now() WHERE id = ANY(%b) AND settled_at IS NULL"

@@ -105,10 +105,15 @@ LIMIT %s
 FOR UPDATE OF d SKIP LOCKED
 """
 
+# After the broker's acks. A channel consumer may have read a record already and hold its
+# row (a claim, an outcome, a digest settling its items): the mark skips that row and never
+# waits, so it is never part of a deadlock with them, and each of those statements marks the
+# row published itself (it read the record: it is published). FOR NO KEY UPDATE, as the
+# update itself takes: it does not wait for the key-share locks of delivery_attempts' inserts.
 _MARK_PUBLISHED_SQL = """
 UPDATE deliveries d SET published_at = now(), updated_at = now()
 FROM (SELECT id FROM deliveries WHERE id = ANY(%b) AND published_at IS NULL
-      ORDER BY id FOR UPDATE) s
+      ORDER BY id FOR NO KEY UPDATE SKIP LOCKED) s
 WHERE d.id = s.id
 """
 
