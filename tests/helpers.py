@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from config.settings import Settings
 from consumers.loop import Stopper
@@ -19,6 +19,9 @@ from herald.inspect import wait_committed
 from herald.processes import IngestRun, run_ingest
 from producers.publisher import KafkaPublisher, OutRecord, Position
 from producers.topics import Topics, ensure_topics
+
+if TYPE_CHECKING:
+    from tests.conftest import Backend
 
 R = TypeVar("R")
 
@@ -41,6 +44,19 @@ def herald_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def herald_bench(
+    backend: Backend, *args: str, timeout: float, database: bool = True, **settings: str
+) -> tuple[dict[str, Any], str]:
+    """Run ``herald bench ARGS`` on the session's broker (and database): its last line, the
+    JSON result, and its whole output. SETTINGS are more HERALD_* variables."""
+    env = {"HERALD_KAFKA_BOOTSTRAP": backend.bootstrap, **settings}
+    if database:
+        env["HERALD_DATABASE_URL"] = backend.database_url
+    run = herald_cli("bench", *args, env=env, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
 
 
 def expected_key(ev: dict[str, Any], default_source: str = "events") -> str:

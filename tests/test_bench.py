@@ -2,48 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from tests.conftest import Backend
+from tests.helpers import herald_bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.parametrize(("processes", "rate"), [(1, None), (2, None), (1, 1000)])
 def test_bench_reports_verified_figures(backend: Backend, processes: int, rate: int | None) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env |= {
-        "HERALD_KAFKA_BOOTSTRAP": backend.bootstrap,
-        "HERALD_DATABASE_URL": backend.database_url,
-        "HERALD_SESSION_TIMEOUT_MS": "2000",
-    }
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "herald.cli",
-            "bench",
-            "ingest",
-            "--events",
-            "3000",
-            "--users",
-            "300",
-            "--processes",
-            str(processes),
-            *(["--rate", str(rate)] if rate else []),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    result, _ = herald_bench(
+        backend,
+        *["ingest", "--events", "3000", "--users", "300", "--processes", str(processes)],
+        *(["--rate", str(rate)] if rate else []),
         timeout=240,
+        HERALD_SESSION_TIMEOUT_MS="2000",
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
     assert {
         "events",
         "duplicates",

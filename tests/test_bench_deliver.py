@@ -3,43 +3,19 @@ reports its JSON line (briefly: this proves it works and verifies, not the targe
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from tests.conftest import Backend
+from tests.helpers import herald_bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def bench_deliver(backend: Backend, *args: str) -> tuple[dict[str, Any], str]:
     """``herald bench deliver ARGS`` on the session's backends: its JSON line and its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env |= {"HERALD_KAFKA_BOOTSTRAP": backend.bootstrap, "HERALD_DATABASE_URL": backend.database_url}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "herald.cli",
-            "bench",
-            "deliver",
-            "--deliveries",
-            "600",
-            "--users",
-            "50",
-            *args,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
+    return herald_bench(backend, "deliver", "--deliveries", "600", "--users", "50", *args, timeout=240)
 
 
 def test_bench_deliver_reports_verified_figures(backend: Backend) -> None:

@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from tests.conftest import Backend
+from tests.helpers import herald_bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_bench_digest_reports_verified_figures(backend: Backend) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env |= {
-        "HERALD_KAFKA_BOOTSTRAP": backend.bootstrap,
-        "HERALD_DATABASE_URL": backend.database_url,
-        "HERALD_SESSION_TIMEOUT_MS": "2000",
-    }
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "herald.cli",
-            "bench",
-            "digest",
-            "--items",
-            "2000",
-            "--users",
-            "40",
-            "--window-s",
-            "2",
-            "--grace-s",
-            "0.5",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    result, _ = herald_bench(
+        backend,
+        *["digest", "--items", "2000", "--users", "40", "--window-s", "2", "--grace-s", "0.5"],
         timeout=180,
+        HERALD_SESSION_TIMEOUT_MS="2000",
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
     assert {"items", "items_per_s", "digests", "close_lag_p99_s"} <= set(result)
     assert result["items"] == 2000 and result["digests"] == 40
     assert result["verified"] is True
