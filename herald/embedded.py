@@ -134,7 +134,7 @@ class EmbeddedBroker:
 # without a restart). autovacuum_naptime: PostgreSQL's default visits a database once a
 # minute, so the first pass came about a minute into a busy run and vacuumed and analysed
 # every table written since the start at once; the chaos run's criticals queued behind it.
-# Every 10 s, each pass is a tenth of that.
+# Every 10 s, each pass finds a sixth of that.
 EMBEDDED_PG_SETTINGS = {"autovacuum_naptime": "10s"}
 
 
@@ -172,15 +172,14 @@ class EmbeddedPostgres:
         log.info("postgres ready at %s", self.url)
 
     def _configure(self) -> None:
-
+        """Apply ``EMBEDDED_PG_SETTINGS`` where they differ (a fresh cluster); else nothing."""
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
-                current = dict(
-                    conn.execute(
-                        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
-                        (list(EMBEDDED_PG_SETTINGS),),
-                    ).fetchall()
-                )
+                rows = conn.execute(
+                    "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+                    (list(EMBEDDED_PG_SETTINGS),),
+                ).fetchall()
+                current = {str(name): str(value) for name, value in rows}
                 changed = False
                 for name, value in EMBEDDED_PG_SETTINGS.items():
                     if current.get(name) != value:
