@@ -56,7 +56,7 @@ bench: $(STAMP)
 	$(BIN)/herald bench digest
 
 # The soak: 5 minutes of load with faults on the whole pipeline (tests run a 60 s version).
-# `make chaos SEED=8401` (2,000/s) or `make chaos RATE=500 SEED=7801`: the README's figures; a seed reproduces a run.
+# `make chaos SEED=8601` (2,000/s) or `make chaos RATE=500 SEED=7801`: the README's figures; a seed reproduces a run.
 RATE ?= 2000
 chaos: $(STAMP)
 	$(BIN)/herald chaos --duration 5m --rate $(RATE) $(if $(SEED),--seed $(SEED))
